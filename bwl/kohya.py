@@ -188,6 +188,9 @@ def export_kohya(path: str | Path, out: str | Path) -> Path:
     linear = [m for m in modules if not m.is_conv3x3]
     conv = [m for m in modules if m.is_conv3x3]
     dim, alpha = Counter((m.rank, m.alpha) for m in linear or modules).most_common(1)[0][0]
+    if "bwl_spec" in meta:  # kohya's network_dim is the default rank that block_dims override: the spec's rank
+        spec = json.loads(meta["bwl_spec"])
+        dim, alpha = spec["rank"], float(spec["alpha"] if spec["alpha"] is not None else spec["rank"])
     args: dict[str, str] = {}
     block_dims = {fine_block(m.name): m.rank for m in linear}
     block_alphas = {fine_block(m.name): m.alpha for m in linear}
@@ -195,6 +198,9 @@ def export_kohya(path: str | Path, out: str | Path) -> Path:
     args["block_alphas"] = _block_list(block_alphas, alpha)
     if conv:
         conv_dim, conv_alpha = Counter((m.rank, m.alpha) for m in conv).most_common(1)[0][0]
+        if "bwl_spec" in meta and spec.get("conv_rank"):
+            conv_dim = spec["conv_rank"]
+            conv_alpha = float(spec["conv_alpha"] if spec.get("conv_alpha") is not None else conv_dim)
         args.update(
             conv_dim=str(conv_dim),
             conv_alpha=f"{conv_alpha:g}",

@@ -1,0 +1,63 @@
+"""Command line: ``python -m bwl {demo,train,inspect,export-kohya,import-kohya} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import config as configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bwl", description="Block-wise LoRA for Stable Diffusion 1.x")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train a block-wise adapter on the tiny model and write figures/demo.png")
+    demo.add_argument("--out", default="figures/demo.png")
+    demo.add_argument("--steps", type=int, default=60)
+
+    from .train import TrainConfig
+
+    train = commands.add_parser("train", help="train one block-wise adapter")
+    train.add_argument("--config", help="YAML or JSON file with TrainConfig keys; flags override it")
+    configs.add_arguments(train, TrainConfig)
+
+    inspect = commands.add_parser("inspect", help="method, blocks, ranks and parameters of an adapter file")
+    inspect.add_argument("path")
+
+    export = commands.add_parser("export-kohya", help="convert a bwl adapter to kohya/A1111 format")
+    export.add_argument("path")
+    export.add_argument("out")
+
+    imp = commands.add_parser("import-kohya", help="convert a kohya SD1.x LoRA/LoCon to a bwl adapter")
+    imp.add_argument("path")
+    imp.add_argument("out")
+    imp.add_argument("--model", required=True, help="base model id or directory (for module names)")
+
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        from .kohya import inspect_adapter
+
+        print(inspect_adapter(args.path).table())
+    elif args.command == "export-kohya":
+        from .kohya import export_kohya
+
+        print(export_kohya(args.path, args.out))
+    elif args.command == "import-kohya":
+        from .kohya import import_kohya
+        from .pipeline import load_pipeline
+
+        print(import_kohya(args.path, load_pipeline(args.model).unet, args.out))
+    elif args.command == "train":
+        from .train import train as run_training
+
+        print(run_training(configs.from_args(TrainConfig, args)))
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        print(run_demo(args.out, steps=args.steps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Figures: image rows and labeled grids (paper style), and the loss curve."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+def image_row(images: Sequence[Image.Image], gap: int = 2) -> Image.Image:
+    """Images side by side on white."""
+    w, h = images[0].size
+    row = Image.new("RGB", (len(images) * w + (len(images) - 1) * gap, h), "white")
+    for i, img in enumerate(images):
+        row.paste(img, (i * (w + gap), 0))
+    return row
+
+
+def labeled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], col_labels: Sequence[str],
+                 scale: int = 1, gap: int = 2) -> Image.Image:
+    """A grid of images with a label left of each row and above each column."""
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    label_w = max(8 * max(len(s) for s in row_labels) + 8, 40)
+    label_h = 16
+    grid = Image.new("RGB", (label_w + len(col_labels) * (w + gap), label_h + len(rows) * (h + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(col_labels):
+        draw.text((label_w + j * (w + gap) + 2, 2), text[: max(1, w // 6)], fill="black")
+    for i, (label, images) in enumerate(zip(row_labels, rows)):
+        y = label_h + i * (h + gap)
+        draw.text((4, y + h // 2 - 6), label, fill="black")
+        for j, img in enumerate(images):
+            grid.paste(img.resize((w, h), Image.Resampling.NEAREST), (label_w + j * (w + gap), y))
+    return grid
+
+
+def plot_loss_curve(csv_path: str | Path, ax=None, label: str | None = None):
+    """Plot ``loss.csv`` written by training; returns the matplotlib axes."""
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], label=label or Path(csv_path).parent.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    return ax

@@ -1,0 +1,413 @@
+"""Block-wise adapter training: the DreamBooth-style loop the paper runs, top to bottom.
+
+images + tag captions -> cached latents/text embeddings -> noise-prediction loss on the selected blocks' LoRA
+-> checkpoints (adapter, optimizer, LR schedule, RNG, step) -> final adapter file + config beside it.
+
+Every random choice of step ``s`` (batch order, flips, caption shuffles, noise, timesteps) is drawn from
+generators seeded by ``(seed, s)``, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from . import __version__
+from .adapter_file import adapter_state_dict, save_adapter
+from .adapters import AdapterSpec, add_adapter
+from .atomic import atomic_path, write_json
+from .cache import LatentCache, TextCache, encode_distribution, sample_latents, to_pixels
+from .data import Example, load_image, scan_dataset, shuffle_caption
+from .pipeline import PAPER_MODEL, load_pipeline
+
+ADAPTER = "default"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run. Defaults are the paper's (the learning rate is ours)."""
+
+    output_dir: str = "runs/train"
+    model: str = PAPER_MODEL
+    instance_dir: str = "data/identity"
+    trigger: str = "sks"
+    class_word: str = ""
+    repeats: int = 25
+    reg_dir: str | None = None
+    prior_loss_weight: float = 1.0
+    method: Literal["lora", "locon"] = "lora"
+    blocks: str = "all"
+    rank: int = 4
+    alpha: float | None = None
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    block_ranks: dict[str, int] = field(default_factory=dict)
+    resolution: int = 512
+    random_flip: bool = False
+    random_crop: bool = False
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
+    caption_dropout: float = 0.0
+    steps: int = 11000
+    batch_size: int = 2
+    learning_rate: float = 1e-4  # the paper gives none; 1e-4 is the common LoRA DreamBooth value
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    fixed_timestep: int | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    resume: bool = False
+    stop_after: int | None = None
+
+    def adapter_spec(self) -> AdapterSpec:
+        return AdapterSpec(self.method, self.blocks, self.rank, self.alpha, self.conv_rank, self.conv_alpha, dict(self.block_ranks))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainData:
+    """Examples flattened by repeats, with their images and captions ready for batching."""
+
+    examples: list[Example]
+    order: list[int]
+    images: list
+    skipped: list
+
+
+def prepare_data(config: TrainConfig) -> TrainData:
+    """Scan instance (and regularisation) folders; reg images are repeated or cut to match the instance count."""
+    fallback = ", ".join(w for w in (config.trigger, config.class_word) if w)
+    instance, skipped = scan_dataset(config.instance_dir, config.repeats, fallback)
+    order = [i for i, ex in enumerate(instance) for _ in range(ex.repeats)]
+    examples = list(instance)
+    if config.reg_dir:
+        reg, reg_skipped = scan_dataset(config.reg_dir, 1, config.class_word or fallback, is_reg=True)
+        skipped += reg_skipped
+        reg_order = [len(examples) + i for i, ex in enumerate(reg) for _ in range(ex.repeats)]
+        examples += reg
+        order += [reg_order[k % len(reg_order)] for k in range(len(order))]
+    images = [load_image(ex.image, config.resolution) for ex in examples]
+    return TrainData(examples, order, images, skipped)
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def batch_indices(order: list[int], seed: int, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Example indices for a step: epochs of ``order`` shuffled by ``(seed, epoch)``, read sequentially."""
+    per_step = batch_size * world
+    start = step * per_step + rank * batch_size
+    out = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, len(order))
+        permutation = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+        out.append(order[permutation[offset]])
+    return out
+
+
+def captions_for(data: TrainData, indices: list[int], config: TrainConfig, rng: random.Random) -> list[str]:
+    captions = []
+    for i in indices:
+        caption = data.examples[i].caption
+        if config.shuffle_tags:
+            caption = shuffle_caption(caption, config.keep_tokens, rng)
+        if config.caption_dropout and rng.random() < config.caption_dropout:
+            caption = ""
+        captions.append(caption)
+    return captions
+
+
+def denoising_loss(unet, noise_scheduler, latents, text, generator, fixed_timestep=None, weights=None) -> torch.Tensor:
+    """Mean noise-prediction MSE (epsilon or v-prediction target, per the scheduler config)."""
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device, latents.dtype)
+    if fixed_timestep is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=generator.device)
+    else:
+        timesteps = torch.full((latents.shape[0],), fixed_timestep, dtype=torch.long)
+    timesteps = timesteps.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet(noisy, timesteps, text).sample
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_example = per_example * weights
+    return per_example.mean()
+
+
+# --- checkpoints: one safetensors file each, written atomically -------------------------------------------------
+
+
+def save_checkpoint(path: Path, unet, optimizer, lr_scheduler, step: int, config: TrainConfig) -> None:
+    """Adapter, optimizer, LR schedule, RNG states and step in one safetensors file (no pickle)."""
+    tensors = {f"adapter.{k}": v for k, v in adapter_state_dict(unet, ADAPTER).items()}
+    optim_state = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for index, state in optim_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    metadata = {
+        "step": str(step),
+        "bwl_version": __version__,
+        "config": json.dumps(config.to_dict()),
+        "optimizer_param_groups": json.dumps(optim_state["param_groups"]),
+        "optimizer_scalars": json.dumps(scalars),
+        "lr_scheduler": json.dumps(lr_scheduler.state_dict()),
+        "rng_python": json.dumps([py_state[0], list(py_state[1]), py_state[2]]),
+        "rng_numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_checkpoint(path: Path, unet, optimizer, lr_scheduler) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    adapter = {k[len("adapter.unet."):]: v for k, v in tensors.items() if k.startswith("adapter.unet.")}
+    result = set_peft_model_state_dict(unet, adapter, adapter_name=ADAPTER)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{path}: checkpoint does not match this adapter ({result.unexpected_keys[:3]} ...)")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in json.loads(metadata["optimizer_scalars"]).items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optimizer_param_groups"])})
+    lr_scheduler.load_state_dict(json.loads(metadata["lr_scheduler"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, keys, gauss = json.loads(metadata["rng_python"])
+    random.setstate((version, tuple(keys), gauss))
+    np_state = json.loads(metadata["rng_numpy"])
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    return int(metadata["step"])
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return sorted((output_dir / "checkpoints").glob("checkpoint-*.safetensors"))
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> Path:
+    """Train one block-wise adapter; returns the final adapter file (``<output_dir>/adapter.safetensors``)."""
+    out = Path(config.output_dir)
+    spec = config.adapter_spec()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    if config.random_crop and config.cache_latents:
+        raise ValueError("random_crop needs cache_latents=False: cached latents are of the fixed center crop")
+
+    data = prepare_data(config)
+    pipe = pipe or load_pipeline(config.model)
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+    add_adapter(unet, spec, ADAPTER)
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latent_cache = LatentCache(vae, data.images, config.random_flip) if config.cache_latents else None
+    pixels = None if config.cache_latents else to_pixels(data.images)
+    text_cache = TextCache(pipe.tokenizer, text_encoder, memoize=not config.shuffle_tags)
+    reg_weight = torch.tensor([config.prior_loss_weight if ex.is_reg else 1.0 for ex in data.examples])
+
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=device.type == "cuda" or None,
+    )
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
+
+    start = 0
+    existing = checkpoints(out)
+    if config.resume and existing:
+        start = load_checkpoint(existing[-1], unet, optimizer, lr_scheduler)
+        print(f"resumed from {existing[-1]} at step {start}", flush=True)
+    elif (out / "adapter.safetensors").exists() or existing:
+        raise FileExistsError(f"{out}: already holds a run; pass resume=True to continue it or choose a new output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"bwl_version": __version__, "train": config.to_dict(), "adapter": spec.to_dict()})
+    log = LossLog(out, start)
+
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    end = min(config.steps, config.stop_after or config.steps)
+    progress = tqdm(total=config.steps, initial=start, desc=f"train {spec.method} {spec.blocks}", file=sys.stdout,
+                    disable=not sys.stdout.isatty(), dynamic_ncols=True)
+    running, count, last_good, t0 = torch.zeros((), device=device), 0, start, time.time()
+    for step in range(start, end):
+        generator = step_generator(config.seed, step)
+        rng = random.Random(config.seed * 1_000_003 + step)
+        indices = batch_indices(data.order, config.seed, step, config.batch_size, accelerator.process_index, accelerator.num_processes)
+        index = torch.tensor(indices)
+        flip = torch.rand(len(indices), generator=generator) < 0.5 if config.random_flip else torch.zeros(len(indices), dtype=torch.bool)
+        if latent_cache is not None:
+            latents = latent_cache.sample(index, flip, generator)
+        else:
+            batch_pixels = torch.where(flip[:, None, None, None], pixels[index].flip(-1), pixels[index])
+            mean, std = encode_distribution(vae, batch_pixels)
+            latents = sample_latents(mean, std, vae.config.scaling_factor, generator)
+        text = text_cache(captions_for(data, indices, config, rng)).to(device, weight_dtype)
+        with accelerator.autocast():
+            loss = denoising_loss(unet, noise_scheduler, latents.to(device, weight_dtype), text, generator,
+                                  config.fixed_timestep, reg_weight[index].to(device))
+        accelerator.backward(loss)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += loss.detach()
+        count += 1
+        done = step + 1
+        if done % config.log_every == 0 or done == end:
+            mean_loss = (running / count).item()
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(
+                    f"loss became {mean_loss} between steps {done - count + 1} and {done}; "
+                    f"kept the last good checkpoint (step {last_good}) in {out / 'checkpoints'}"
+                )
+            log.write(done, mean_loss, lr_scheduler.get_last_lr()[0])
+            progress.update(done - progress.n)
+            if not sys.stdout.isatty():
+                print(f"step {done}/{config.steps} loss {mean_loss:.4f} ({(time.time() - t0) / count:.3f} s/step)", flush=True)
+            running, count, t0 = torch.zeros((), device=device), 0, time.time()
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            if count:
+                pending = (running / count).item()
+                if not math.isfinite(pending):
+                    raise TrainingDiverged(f"loss became {pending} before step {done}; kept checkpoint step {last_good}")
+            if accelerator.is_main_process:
+                save_checkpoint(out / "checkpoints" / f"checkpoint-{done:07d}.safetensors",
+                                accelerator.unwrap_model(unet), optimizer, lr_scheduler, done, config)
+                for old in checkpoints(out)[: -config.keep_checkpoints]:
+                    old.unlink()
+            last_good = done
+        if config.sample_every and config.sample_prompts and done % config.sample_every == 0:
+            save_samples(pipe, config, out / "samples" / f"step-{done:07d}.png")
+    progress.close()
+    log.close()
+    unet = accelerator.unwrap_model(unet)
+    if end < config.steps:
+        if accelerator.is_main_process and not (out / "checkpoints" / f"checkpoint-{end:07d}.safetensors").exists():
+            save_checkpoint(out / "checkpoints" / f"checkpoint-{end:07d}.safetensors", unet, optimizer, lr_scheduler, end, config)
+        print(f"stopped at step {end} of {config.steps}; rerun with resume=True to continue", flush=True)
+        return out / "checkpoints" / f"checkpoint-{end:07d}.safetensors"
+    final = out / "adapter.safetensors"
+    if accelerator.is_main_process:
+        save_adapter(unet, final, spec, ADAPTER, base_model=config.model, trigger=config.trigger, steps=config.steps)
+    return final
+
+
+def save_samples(pipe: StableDiffusionPipeline, config: TrainConfig, path: Path) -> None:
+    """A row of sample images for the configured prompts at a fixed seed."""
+    from .figures import image_row
+
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    images = pipe(config.sample_prompts, num_inference_steps=25, guidance_scale=7.0,
+                  generator=torch.Generator().manual_seed(config.seed)).images
+    pipe.unet.train(was_training)
+    with atomic_path(path) as tmp:
+        image_row(images).save(tmp, format="PNG")
+
+
+class LossLog:
+    """Loss per logged step to ``loss.csv`` (truncated to the resume step) and to TensorBoard when installed."""
+
+    def __init__(self, out: Path, start: int):
+        self.path = out / "loss.csv"
+        rows = []
+        if start and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+                writer.writeheader()
+                writer.writerows(rows)
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def write(self, step: int, loss: float, lr: float) -> None:
+        self.writer.writerow([step, f"{loss:.6f}", f"{lr:.3e}"])
+        self.file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss", loss, step)
+            self.tensorboard.add_scalar("lr", lr, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
