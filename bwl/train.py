@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from peft.utils import set_peft_model_state_dict
@@ -263,6 +264,7 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+    set_seed(config.seed)  # the LoRA init draws from the global RNGs
     add_adapter(unet, spec, ADAPTER)
     for param in unet.parameters():
         if param.requires_grad:

@@ -1,0 +1,181 @@
+import csv
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bwl.adapter_file import read_info, read_tensors
+from bwl.blocks import paper_block
+from bwl.config import ConfigError, build
+from bwl.train import TrainConfig, TrainingDiverged, checkpoints, load_checkpoint, prepare_data, train
+
+from .test_data import write_images
+
+
+def config(tmp_path, tiny_dir, **overrides) -> TrainConfig:
+    values = dict(output_dir=str(tmp_path / "run"), model=str(tiny_dir), instance_dir=str(tmp_path / "images"),
+                  resolution=64, steps=20, batch_size=2, repeats=2, checkpoint_every=0, log_every=5, learning_rate=1e-3)
+    values.update(overrides)
+    if not (tmp_path / "images").exists():
+        write_images(tmp_path / "images", count=3)
+    return TrainConfig(**values)
+
+
+def losses(run_dir):
+    with open(run_dir / "loss.csv", newline="") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_overfitting_one_image_halves_the_loss(tmp_path, tiny_dir):
+    write_images(tmp_path / "images", count=1)
+    cfg = config(tmp_path, tiny_dir, steps=100, repeats=1, batch_size=1, fixed_timestep=500, rank=8, learning_rate=1e-2)
+    train(cfg)
+    curve = losses(tmp_path / "run")
+    assert curve[-1] < 0.5 * curve[0], curve
+
+
+def test_base_weights_untouched_and_no_lora_outside_blocks(tmp_path, tiny_dir, pipe):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    te_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    final = train(config(tmp_path, tiny_dir, method="locon", blocks="upper"), pipe=pipe)
+    after = pipe.unet.state_dict()
+    for key, value in before.items():
+        peft_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(value, after.get(key, after.get(peft_key))), key
+    assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in te_before.items())
+    tensors = read_tensors(final)
+    assert {paper_block(k[len("unet."):]) for k in tensors} == {"IN0", "OUT3"}
+    assert read_info(final).spec.blocks == "upper"
+    assert (tmp_path / "run" / "config.json").exists()
+
+
+def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, tiny_dir):
+    straight = train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "a"), steps=60, checkpoint_every=30, random_flip=True, shuffle_tags=True))
+    resumable = config(tmp_path, tiny_dir, output_dir=str(tmp_path / "b"), steps=60, checkpoint_every=30, random_flip=True, shuffle_tags=True)
+    resumable.stop_after = 30
+    stopped = train(resumable)
+    assert stopped.name == "checkpoint-0000030.safetensors" and not (tmp_path / "b" / "adapter.safetensors").exists()
+    resumable.stop_after, resumable.resume = None, True
+    resumed = train(resumable)
+    a, b = read_tensors(straight), read_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_dir, monkeypatch, pipe):
+    import bwl.train as train_module
+
+    real_save = train_module.save_file
+    calls = []
+
+    def crashing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt("killed while saving")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train_module, "save_file", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, tiny_dir, steps=40, checkpoint_every=10), pipe=pipe)
+    kept = checkpoints(tmp_path / "run")
+    assert [p.name for p in kept] == ["checkpoint-0000010.safetensors"]
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    load_file(str(kept[0]))
+    monkeypatch.setattr(train_module, "save_file", real_save)
+    cfg = config(tmp_path, tiny_dir, steps=40, checkpoint_every=10, resume=True)
+    assert train(cfg).name == "adapter.safetensors"
+
+
+class EncoderCounter:
+    def __init__(self, vae):
+        self.images = 0
+        vae.encoder.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        self.images += inputs[0].shape[0]
+
+
+@pytest.mark.parametrize("cache, flip, expected", [(True, True, 6), (True, False, 3), (False, False, 40)])
+def test_vae_encodes_once_per_image_and_flip_when_cached(tmp_path, tiny_dir, pipe, cache, flip, expected):
+    counter = EncoderCounter(pipe.vae)
+    train(config(tmp_path, tiny_dir, steps=20, batch_size=2, cache_latents=cache, random_flip=flip), pipe=pipe)
+    assert counter.images == expected
+
+
+def test_cached_and_uncached_give_the_same_losses(tmp_path, tiny_dir):
+    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "c"), cache_latents=True, random_flip=True))
+    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "u"), cache_latents=False, random_flip=True))
+    assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "u"), rel=1e-4)
+
+
+def test_regularisation_images_balance_the_instances(tmp_path, tiny_dir):
+    write_images(tmp_path / "reg", count=5, caption="dog")
+    cfg = config(tmp_path, tiny_dir, reg_dir=str(tmp_path / "reg"), repeats=3, prior_loss_weight=0.5)
+    data = prepare_data(cfg)
+    reg = [i for i in data.order if data.examples[i].is_reg]
+    assert len(data.order) == 2 * 3 * 3 and len(reg) == 9
+    train(cfg)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_dir, monkeypatch):
+    import bwl.train as train_module
+
+    real_loss = train_module.denoising_loss
+    seen = []
+
+    def poisoned(*args, **kwargs):
+        seen.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(seen) > 12 else loss
+
+    monkeypatch.setattr(train_module, "denoising_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"between steps 11 and 15.*step 10"):
+        train(config(tmp_path, tiny_dir, steps=30, checkpoint_every=10))
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-0000010.safetensors"]
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_dir):
+    train(config(tmp_path, tiny_dir, steps=5))
+    with pytest.raises(FileExistsError, match="resume"):
+        train(config(tmp_path, tiny_dir, steps=5))
+
+
+def test_real_photos_train_a_few_steps(tmp_path, tiny_dir, dreambooth):
+    shutil.copytree(dreambooth / "dog", tmp_path / "images")
+    with pytest.warns(UserWarning, match="no caption file"):
+        final = train(config(tmp_path, tiny_dir, steps=4, trigger="sks", class_word="dog", random_flip=True))
+    assert read_info(final).trigger == "sks"
+
+
+def test_config_file_and_cli(tmp_path, tiny_dir):
+    from bwl.__main__ import main
+
+    write_images(tmp_path / "images", count=2)
+    (tmp_path / "run.yaml").write_text(
+        f"model: {tiny_dir}\ninstance_dir: {tmp_path / 'images'}\nresolution: 64\nsteps: 3\nlog_every: 1\n"
+        f"checkpoint_every: 0\nblocks: middle\nblock_ranks: {{IN1: 2}}\n"
+    )
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path / "cli"), "--method", "locon"]) == 0
+    info = read_info(tmp_path / "cli" / "adapter.safetensors")
+    assert info.spec.method == "locon" and info.spec.blocks == "middle" and info.block_ranks["IN04"] == 2
+    with pytest.raises(ConfigError, match="'stepz'.*valid: output_dir"):
+        build(TrainConfig, {"stepz": 3})
+
+
+def test_checkpoint_restores_optimizer_and_schedule(tmp_path, tiny_dir, pipe):
+    train(config(tmp_path, tiny_dir, steps=20, checkpoint_every=10, lr_scheduler="cosine", lr_warmup_steps=2), pipe=pipe)
+    from bwl.pipeline import load_pipeline
+    from bwl.adapters import add_adapter
+    from diffusers.optimization import get_scheduler
+
+    fresh = load_pipeline(tiny_dir)
+    cfg = config(tmp_path, tiny_dir)
+    add_adapter(fresh.unet, cfg.adapter_spec(), "default")
+    optimizer = torch.optim.AdamW([p for p in fresh.unet.parameters() if p.requires_grad], lr=1e-3)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=20)
+    step = load_checkpoint(checkpoints(tmp_path / "run")[-1], fresh.unet, optimizer, schedule)
+    assert step == 10 and schedule.last_epoch == 10
+    assert all(int(s["step"]) == 10 for s in optimizer.state_dict()["state"].values())
