@@ -179,3 +179,36 @@ def test_checkpoint_restores_optimizer_and_schedule(tmp_path, tiny_dir, pipe):
     step = load_checkpoint(checkpoints(tmp_path / "run")[-1], fresh.unet, optimizer, schedule)
     assert step == 10 and schedule.last_epoch == 10
     assert all(int(s["step"]) == 10 for s in optimizer.state_dict()["state"].values())
+
+
+def test_v_prediction_target_follows_the_scheduler_config(tmp_path, tiny_dir, pipe):
+    from diffusers import DDPMScheduler
+
+    from bwl.train import denoising_loss
+
+    latents = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 77, 32)
+    eps = DDPMScheduler.from_config(pipe.scheduler.config)
+    v = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    zero_unet = lambda noisy, t, text: type("Out", (), {"sample": torch.zeros_like(noisy)})()  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    noise = torch.randn(latents.shape, generator=g())
+    assert denoising_loss(zero_unet, eps, latents, text, g(), fixed_timestep=500).item() == pytest.approx(noise.pow(2).mean().item())
+    velocity = v.get_velocity(latents, noise, torch.full((2,), 500))
+    assert denoising_loss(zero_unet, v, latents, text, g(), fixed_timestep=500).item() == pytest.approx(velocity.pow(2).mean().item())
+
+
+def test_gradient_checkpointing_does_not_change_results(tmp_path, tiny_dir):
+    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain"), steps=10))
+    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "ckpt"), steps=10, gradient_checkpointing=True))
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), rel=1e-5)
+
+
+def test_samples_and_loss_curve(tmp_path, tiny_dir):
+    from bwl.figures import plot_loss_curve
+
+    train(config(tmp_path, tiny_dir, steps=10, sample_every=5, sample_prompts=["sks, circle", "a photo"]))
+    samples = sorted((tmp_path / "run" / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step-0000005.png", "step-0000010.png"]
+    ax = plot_loss_curve(tmp_path / "run" / "loss.csv")
+    assert len(ax.lines[0].get_xdata()) == 2
