@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", help="YAML or JSON file with TrainConfig keys; flags override it")
     configs.add_arguments(train, TrainConfig)
 
+    from .pretrain import PretrainConfig
+
+    pretrain = commands.add_parser("pretrain", help="pretrain the toy world's micro SD (resumable) into data/toy-sd")
+    pretrain.add_argument("--config", help="YAML or JSON file with PretrainConfig keys")
+    configs.add_arguments(pretrain, PretrainConfig)
+
     inspect = commands.add_parser("inspect", help="method, blocks, ranks and parameters of an adapter file")
     inspect.add_argument("path")
 
@@ -52,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train as run_training
 
         print(run_training(configs.from_args(TrainConfig, args)))
+    elif args.command == "pretrain":
+        from .pretrain import pretrain as run_pretraining
+
+        print(run_pretraining(configs.from_args(PretrainConfig, args)))
     elif args.command == "demo":
         from .demo import run_demo
 

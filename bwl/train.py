@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -28,13 +27,13 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import __version__
 from .adapter_file import adapter_state_dict, save_adapter
 from .adapters import AdapterSpec, add_adapter
 from .atomic import atomic_path, write_json
+from .checkpoint import latest, load_state, save_state
 from .cache import LatentCache, TextCache, encode_distribution, sample_latents, to_pixels
 from .data import Example, load_image, scan_dataset, shuffle_caption
 from .pipeline import PAPER_MODEL, load_pipeline
@@ -180,69 +179,22 @@ def denoising_loss(unet, noise_scheduler, latents, text, generator, fixed_timest
 
 def save_checkpoint(path: Path, unet, optimizer, lr_scheduler, step: int, config: TrainConfig) -> None:
     """Adapter, optimizer, LR schedule, RNG states and step in one safetensors file (no pickle)."""
-    tensors = {f"adapter.{k}": v for k, v in adapter_state_dict(unet, ADAPTER).items()}
-    optim_state = optimizer.state_dict()
-    scalars: dict[str, dict] = {}
-    for index, state in optim_state["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    metadata = {
-        "step": str(step),
-        "bwl_version": __version__,
-        "config": json.dumps(config.to_dict()),
-        "optimizer_param_groups": json.dumps(optim_state["param_groups"]),
-        "optimizer_scalars": json.dumps(scalars),
-        "lr_scheduler": json.dumps(lr_scheduler.state_dict()),
-        "rng_python": json.dumps([py_state[0], list(py_state[1]), py_state[2]]),
-        "rng_numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
-    }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_state(path, adapter_state_dict(unet, ADAPTER), optimizer, lr_scheduler, step, {"config": json.dumps(config.to_dict())})
 
 
 def load_checkpoint(path: Path, unet, optimizer, lr_scheduler) -> int:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its step."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(path))
-    adapter = {k[len("adapter.unet."):]: v for k, v in tensors.items() if k.startswith("adapter.unet.")}
+    tensors, step, _ = load_state(path, optimizer, lr_scheduler)
+    adapter = {k[len("unet."):]: v for k, v in tensors.items()}
     result = set_peft_model_state_dict(unet, adapter, adapter_name=ADAPTER)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{path}: checkpoint does not match this adapter ({result.unexpected_keys[:3]} ...)")
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    for index, values in json.loads(metadata["optimizer_scalars"]).items():
-        state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optimizer_param_groups"])})
-    lr_scheduler.load_state_dict(json.loads(metadata["lr_scheduler"]))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    version, keys, gauss = json.loads(metadata["rng_python"])
-    random.setstate((version, tuple(keys), gauss))
-    np_state = json.loads(metadata["rng_numpy"])
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    return int(metadata["step"])
+    return step
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    return sorted((output_dir / "checkpoints").glob("checkpoint-*.safetensors"))
+    return latest(output_dir / "checkpoints")
 
 
 # --- the loop -------------------------------------------------------------------------------------------------

@@ -64,9 +64,9 @@ def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, tiny_dir):
 
 
 def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_dir, monkeypatch, pipe):
-    import bwl.train as train_module
+    import bwl.checkpoint as checkpoint_module
 
-    real_save = train_module.save_file
+    real_save = checkpoint_module.save_file
     calls = []
 
     def crashing_save(tensors, path, metadata=None):
@@ -77,14 +77,14 @@ def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_dir,
             raise KeyboardInterrupt("killed while saving")
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(train_module, "save_file", crashing_save)
+    monkeypatch.setattr(checkpoint_module, "save_file", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path, tiny_dir, steps=40, checkpoint_every=10), pipe=pipe)
     kept = checkpoints(tmp_path / "run")
     assert [p.name for p in kept] == ["checkpoint-0000010.safetensors"]
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     load_file(str(kept[0]))
-    monkeypatch.setattr(train_module, "save_file", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
     cfg = config(tmp_path, tiny_dir, steps=40, checkpoint_every=10, resume=True)
     assert train(cfg).name == "adapter.safetensors"
 
