@@ -163,3 +163,65 @@ def scan_dataset(folder: str | Path, repeats: int = 1, fallback_caption: str = "
     if not examples:
         raise DatasetError(f"{folder}: no usable images (skipped {len(skipped)} files)")
     return examples, skipped
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare_folder` did with one source file."""
+
+    source: Path
+    target: Path | None
+    note: str
+
+
+def prepare_folder(source: str | Path, target: str | Path, resolution: int | None = None, min_size: int = 64,
+                   repeats: int | None = None, name: str = "") -> list[Prepared]:
+    """Copy (or, with ``resolution``, shrink the short side to it) the images of ``source`` into a training folder.
+
+    With ``repeats`` the folder is ``target/<repeats>_<name>`` (kohya's convention). Captions travel with their
+    images. The originals are never modified. Non-images, unreadable and too-small images are reported, not raised.
+    """
+    import shutil
+
+    source, target = Path(source), Path(target)
+    if repeats is not None:
+        target = target / f"{repeats}_{name or source.name}"
+    target.mkdir(parents=True, exist_ok=True)
+    images, skipped = scan_images(source)
+    report = [Prepared(s.path, None, f"skipped: {s.reason}") for s in skipped]
+    from .atomic import atomic_path
+
+    for path in images:
+        try:
+            img = open_rgb(path)
+        except DatasetError as err:
+            report.append(Prepared(path, None, f"skipped: {err}"))
+            continue
+        if min(img.size) < min_size:
+            report.append(Prepared(path, None, f"skipped: {img.size[0]}x{img.size[1]} is smaller than {min_size} px"))
+            continue
+        if resolution and min(img.size) > resolution:
+            scale = resolution / min(img.size)
+            img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.LANCZOS)
+            out = target / f"{path.stem}.png"
+            with atomic_path(out) as tmp:
+                img.save(tmp, format="PNG")
+            note = f"resized to {img.size[0]}x{img.size[1]}"
+        else:
+            out = target / path.name
+            with atomic_path(out) as tmp:
+                shutil.copyfile(path, tmp)
+            note = "copied"
+        caption = path.with_suffix(".txt")
+        if caption.exists():
+            with atomic_path(out.with_suffix(".txt")) as tmp:
+                shutil.copyfile(caption, tmp)
+        report.append(Prepared(path, out, note))
+    return report
+
+
+def report_table(rows: list[Prepared]) -> str:
+    """A markdown table of a preparation report."""
+    lines = ["| file | result |", "|---|---|"]
+    lines += [f"| {r.source.name} | {r.note} |" for r in rows]
+    return "\n".join(lines)
