@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import config as configs
@@ -16,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="figures/demo.png")
     demo.add_argument("--steps", type=int, default=60)
 
+    run = commands.add_parser("run", help="run the study's notebooks with papermill for a profile")
+    run.add_argument("--profile", default="toy", help="smoke, toy, paper, or a path to a profile YAML")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a profile key (value parsed as YAML), e.g. --set seeds=[0,1]")
+
     from .train import TrainConfig
 
     train = commands.add_parser("train", help="train one block-wise adapter")
@@ -27,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     pretrain = commands.add_parser("pretrain", help="pretrain the toy world's micro SD (resumable) into data/toy-sd")
     pretrain.add_argument("--config", help="YAML or JSON file with PretrainConfig keys")
     configs.add_arguments(pretrain, PretrainConfig)
+
+    probe = commands.add_parser("probe", help="train the toy world's probe into data/toy-probe.safetensors")
+    probe.add_argument("--steps", type=int, default=600)
 
     inspect = commands.add_parser("inspect", help="method, blocks, ranks and parameters of an adapter file")
     inspect.add_argument("path")
@@ -62,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         from .pretrain import pretrain as run_pretraining
 
         print(run_pretraining(configs.from_args(PretrainConfig, args)))
+    elif args.command == "probe":
+        from .toy import train_and_save_probe
+
+        print(json.dumps(train_and_save_probe(steps=args.steps), indent=2))
+    elif args.command == "run":
+        from .run import run_study
+
+        overrides = {}
+        for item in args.overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--set takes KEY=VALUE, got {item!r}")
+            overrides[key.strip()] = configs.parse_value(value)
+        run_study(args.profile, overrides)
     elif args.command == "demo":
         from .demo import run_demo
 

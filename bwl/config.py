@@ -38,7 +38,7 @@ def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     return cls(**values)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         )
         parser.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, type=_parse_value, default=argparse.SUPPRESS,
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=parse_value, default=argparse.SUPPRESS,
             help=f"{hints.get(f.name, '')} (default: {json.dumps(default, default=str)})",
         )
 

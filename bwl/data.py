@@ -86,11 +86,22 @@ def crop_square(img: Image.Image, resolution: int, random_crop: bool = False, rn
 
 
 def load_image(path: str | Path, resolution: int) -> Image.Image:
-    """Open, convert to RGB and center-crop an image to ``resolution``; warns when it is upscaled."""
-    img = open_rgb(path)
-    if min(img.size) < resolution:
-        warnings.warn(f"{path}: {img.size[0]}x{img.size[1]} is smaller than the training resolution {resolution}; upscaling", stacklevel=2)
-    return crop_square(img, resolution)
+    """Open, convert to RGB and center-crop an image to ``resolution`` (upscaling small ones)."""
+    return crop_square(open_rgb(path), resolution)
+
+
+def load_images(paths: list[Path], resolution: int) -> list[Image.Image]:
+    """:func:`load_image` for many files; one warning lists those smaller than ``resolution``."""
+    images, small = [], []
+    for path in paths:
+        img = open_rgb(path)
+        if min(img.size) < resolution:
+            small.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
+        images.append(crop_square(img, resolution))
+    if small:
+        shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        warnings.warn(f"{len(small)} image(s) smaller than the training resolution {resolution} are upscaled: {shown}", stacklevel=2)
+    return images
 
 
 def split_tags(caption: str) -> list[str]:

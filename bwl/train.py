@@ -35,7 +35,7 @@ from .adapters import AdapterSpec, add_adapter
 from .atomic import atomic_path, write_json
 from .checkpoint import latest, load_state, save_state
 from .cache import LatentCache, TextCache, encode_distribution, sample_latents, to_pixels
-from .data import Example, load_image, scan_dataset, shuffle_caption
+from .data import Example, load_images, scan_dataset, shuffle_caption
 from .pipeline import PAPER_MODEL, load_pipeline
 
 ADAPTER = "default"
@@ -122,7 +122,7 @@ def prepare_data(config: TrainConfig) -> TrainData:
         reg_order = [len(examples) + i for i, ex in enumerate(reg) for _ in range(ex.repeats)]
         examples += reg
         order += [reg_order[k % len(reg_order)] for k in range(len(order))]
-    images = [load_image(ex.image, config.resolution) for ex in examples]
+    images = load_images([ex.image for ex in examples], config.resolution)
     return TrainData(examples, order, images, skipped)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bwl.data import DatasetError, load_image, open_rgb, scan_dataset, shuffle_caption, split_tags
+from bwl.data import DatasetError, load_image, load_images, open_rgb, scan_dataset, shuffle_caption, split_tags
 
 
 def write_images(folder, count=3, caption="sks, circle, red", size=80):
@@ -82,10 +82,12 @@ def test_resize_and_center_crop(tmp_path):
     assert out.size == (64, 64) and np.asarray(out)[32, 32].min() > 200 and np.asarray(out)[32, 1].max() > 200
 
 
-def test_small_images_warn(tmp_path):
-    Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
-    with pytest.warns(UserWarning, match="smaller than the training resolution 64"):
-        load_image(tmp_path / "s.png", 64)
+def test_small_images_warn_once(tmp_path):
+    for i in range(7):
+        Image.new("RGB", (16, 16)).save(tmp_path / f"s{i}.png")
+    with pytest.warns(UserWarning, match=r"7 image\(s\) smaller than the training resolution 64.*s0.png \(16x16\).*and 2 more") as caught:
+        images = load_images(sorted(tmp_path.glob("*.png")), 64)
+    assert len(caught) == 1 and all(img.size == (64, 64) for img in images)
 
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
