@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= 2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup study demo test bench clean
+.PHONY: setup study demo test notebooks bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,12 +19,27 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 study: setup
+	$(PY) -m bwl run --profile toy
+
+demo: setup
 	$(PY) -m bwl demo
 
-demo: study
-
+# Unit tests, then the notebooks against the outputs committed from an earlier smoke run (nbval, lax mode).
 test: setup
 	$(PY) -m pytest -q tests
+	rm -rf runs/smoke
+	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/01_data_preparation.ipynb notebooks/02_training.ipynb notebooks/03_ablation_grids.ipynb notebooks/04_figures.ipynb
+
+# Regenerate the committed notebook outputs from a fresh smoke run (what nbval compares against).
+notebooks: setup
+	rm -rf runs/smoke
+	for nb in 01_data_preparation 02_training 03_ablation_grids 04_figures; do \
+		$(PY) -m papermill -k python3 --cwd notebooks notebooks/$$nb.ipynb notebooks/$$nb.ipynb || exit 1; done
+
+bench: setup
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_blocks.py
+	$(PY) benchmarks/bench_generate.py
 
 clean:
 	rm -rf runs cache

@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     probe = commands.add_parser("probe", help="train the toy world's probe into data/toy-probe.safetensors")
     probe.add_argument("--steps", type=int, default=600)
 
+    gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
+    gates.add_argument("--profile", default="toy")
+    gates.add_argument("--count", type=int, default=64)
+
     inspect = commands.add_parser("inspect", help="method, blocks, ranks and parameters of an adapter file")
     inspect.add_argument("path")
 
@@ -75,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from .toy import train_and_save_probe
 
         print(json.dumps(train_and_save_probe(steps=args.steps), indent=2))
+    elif args.command == "gates":
+        from .quality import gates as measure_gates
+
+        print(json.dumps(measure_gates(args.profile, args.count), indent=2))
     elif args.command == "run":
         from .run import run_study
 

@@ -94,7 +94,8 @@ class TrainConfig:
     stop_after: int | None = None
 
     def adapter_spec(self) -> AdapterSpec:
-        return AdapterSpec(self.method, self.blocks, self.rank, self.alpha, self.conv_rank, self.conv_alpha, dict(self.block_ranks))
+        """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI)."""
+        return AdapterSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterSpec)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,5 +1,4 @@
 import random
-import warnings
 
 import numpy as np
 import pytest

@@ -1,0 +1,158 @@
+"""Reliability: parsers never fail unexpectedly, kills lose at most one checkpoint, determinism, untrusted files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from bwl.adapter_file import AdapterFileError, read_info, read_tensors
+from bwl.blocks import PAPER_BLOCKS, BlockSpecError, block_weights, parse_blocks
+from bwl.captions import compose_caption
+from bwl.data import split_tags
+from bwl.kohya import inspect_adapter
+from bwl.train import TrainConfig, train
+
+from .conftest import render
+from .test_data import write_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+names = st.sampled_from(["IN0", "in1", "Mid", "OUT3", "upper", "middle", "bottom", "all", "none", "IN9", "x", "", " "])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.lists(names).map("+".join), st.lists(names).map(",".join)))
+def test_block_spec_parser_gives_blocks_or_block_spec_error(spec):
+    try:
+        blocks = parse_blocks(spec)
+    except BlockSpecError:
+        return
+    assert set(blocks) <= set(PAPER_BLOCKS) and list(blocks) == sorted(blocks, key=PAPER_BLOCKS.index)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_block_weights_give_weights_or_block_spec_error(spec):
+    try:
+        weights = block_weights(spec)
+    except BlockSpecError:
+        return
+    assert len(weights) == 26 and all(isinstance(v, float) for v in weights.values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.text(max_size=10), st.lists(st.text(max_size=8), max_size=4))
+def test_caption_parser_round_trips(caption, trigger, blacklist):
+    tags = split_tags(caption)
+    assert all(t and t == t.strip() and "," not in t for t in tags)
+    composed = compose_caption(tags, trigger, blacklist=blacklist)
+    lowered = [t.lower() for t in split_tags(composed)]
+    assert len(lowered) == len(set(lowered)) or "," in trigger or "\n" in trigger
+
+
+def _config(tmp_path, tiny_dir, out, **overrides):
+    values = dict(output_dir=str(out), model=str(tiny_dir), instance_dir=str(tmp_path / "images"), resolution=64,
+                  steps=60, batch_size=2, repeats=2, checkpoint_every=10, log_every=10, learning_rate=1e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_dir):
+    write_images(tmp_path / "images", count=3)
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import torch; torch.set_num_threads(1)
+        from bwl.train import TrainConfig, train
+        train(TrainConfig(**{json.dumps(_config(tmp_path, tiny_dir, killed).to_dict())}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = killed / "checkpoints" / "checkpoint-0000020.safetensors"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter.safetensors").exists(), "the run finished before it could be killed"
+    resumed = train(_config(tmp_path, tiny_dir, killed, resume=True))
+    straight = train(_config(tmp_path, tiny_dir, tmp_path / "straight"))
+    a, b = read_tensors(resumed), read_tensors(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_during_a_save_leaves_the_previous_file_intact(tmp_path):
+    target, ready = tmp_path / "adapter.safetensors", tmp_path / "ready"
+    target.write_bytes(b"previous complete file")
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from bwl.atomic import atomic_path
+        with atomic_path({str(target)!r}) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half of a new file")
+                f.flush()
+                Path({str(ready)!r}).touch()
+                time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.read_bytes() == b"previous complete file"
+
+
+def test_same_seed_same_machine_is_bit_identical(tmp_path, tiny_dir, pipe):
+    write_images(tmp_path / "images", count=2)
+    a = read_tensors(train(_config(tmp_path, tiny_dir, tmp_path / "a", steps=10, checkpoint_every=0, random_flip=True)))
+    b = read_tensors(train(_config(tmp_path, tiny_dir, tmp_path / "b", steps=10, checkpoint_every=0, random_flip=True)))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert np.array_equal(render(pipe, seed=3), render(pipe, seed=3))
+
+
+def test_metadata_is_never_executed_or_used_as_a_path(tmp_path):
+    tensors = {"unet.up_blocks.3.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 32, 1, 1),
+               "unet.up_blocks.3.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 2, 1, 1)}
+    evil = {"bwl_spec": json.dumps({"method": "lora", "blocks": "all", "__import__('os').system('touch pwned')": 1}),
+            "bwl_base_model": "../../etc/passwd", "lora_adapter_metadata": "{not json"}
+    save_file(tensors, str(tmp_path / "evil.safetensors"), metadata=evil)
+    with pytest.raises(AdapterFileError, match="malformed bwl metadata"):
+        read_info(tmp_path / "evil.safetensors")
+    with pytest.raises(Exception):
+        inspect_adapter(tmp_path / "evil.safetensors")
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_a_kill_during_a_grid_leaves_completed_cells_reusable(tmp_path, monkeypatch):
+    from .test_study import smoke
+
+    study = smoke(tmp_path)
+    study.prepare_data()
+    study.train_all()
+    import bwl.generate
+
+    real = bwl.generate.generate
+    calls = []
+
+    def dies_on_third_cell(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed mid-grid")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bwl.generate, "generate", dies_on_third_cell)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_grids()
+    monkeypatch.setattr(bwl.generate, "generate", real)
+    log = []
+    smoke(tmp_path).run_grids(log=log.append)
+    assert sum("reusing" in line for line in log) >= 2 and sum("generated" in line for line in log) == 4

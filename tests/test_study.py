@@ -1,0 +1,107 @@
+"""The study path: profiles, reuse by config hash, the paper profile through a saved tiny pipeline, the runner."""
+
+import json
+import shutil
+
+import pytest
+
+from bwl.config import ConfigError
+from bwl.study import GRIDS, Study, load_profile
+
+
+def smoke(tmp_path, **overrides):
+    values = {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures"), "metrics": "none",
+              "grids": ["fig4b"], "seeds": [0]}
+    values.update(overrides)
+    return Study(load_profile("smoke", values))
+
+
+def test_profiles_load_and_refuse_unknown_keys():
+    for name in ("smoke", "toy", "paper"):
+        assert load_profile(name).name == name
+    with pytest.raises(ConfigError, match="'sedes'.*valid:"):
+        load_profile("toy", {"sedes": [1]})
+    with pytest.raises(ConfigError, match="'stepz'"):
+        load_profile("toy", {"train": {"stepz": 3}})
+    with pytest.raises(ConfigError, match="valid: paper, smoke, toy"):
+        load_profile("toyy")
+    with pytest.raises(ConfigError, match="fig9"):
+        load_profile("toy", {"grids": ["fig9"]})
+
+
+def test_paper_profile_defaults_are_the_papers():
+    p = load_profile("paper")
+    assert p.model == "CompVis/stable-diffusion-v1-4" and p.resolution == 512
+    assert p.train["steps"] == 11000 and p.train["batch_size"] == 2 and p.train["repeats"] == 25
+    assert p.reg_count == 500 and p.sample_steps == 25 and p.guidance_scale == 7.0
+    assert p.train["mixed_precision"] == "fp16" and p.train["gradient_checkpointing"]
+
+
+def test_grids_share_runs_and_a_rerun_trains_nothing(tmp_path):
+    study = smoke(tmp_path)
+    study.prepare_data()
+    assert set(study.needed_adapters()) == {"id_locon_all", "style_locon_all", "style_locon_upper", "style_locon_middle", "style_locon_bottom"}
+    logs = []
+    study.train_all(log=logs.append)
+    assert sum("training" in line for line in logs) == 5
+    study.run_grids(log=logs.append)
+    again = []
+    smoke(tmp_path).train_all(log=again.append)
+    assert len(again) == 5 and all("reusing" in line for line in again)
+    cells = []
+    smoke(tmp_path).run_grids(log=cells.append)
+    assert all("reusing" in line for line in cells)
+    assert (tmp_path / "figures" / "results.csv").exists() and (tmp_path / "figures" / "results.md").exists()
+    assert [p.name for p in smoke(tmp_path).make_figures()] == ["fig4b.png"]
+
+
+def test_changed_captions_mean_a_new_run(tmp_path):
+    study = smoke(tmp_path)
+    study.prepare_data()
+    before = study.train_config("style_locon_upper").output_dir
+    caption = next(study.concept_dir("style").glob("*.txt"))
+    caption.write_text(caption.read_text().strip() + ", hand edited\n")
+    assert study.train_config("style_locon_upper").output_dir != before
+    assert study.train_config("id_locon_all").output_dir == smoke(tmp_path).train_config("id_locon_all").output_dir
+
+
+def test_paper_profile_runs_one_cell_through_from_pretrained(tmp_path, tiny_dir, dreambooth):
+    identity, style = tmp_path / "photos" / "identity", tmp_path / "photos" / "style"
+    shutil.copytree(dreambooth / "dog", identity)
+    shutil.copytree(dreambooth / "red_cartoon", style)
+    study = Study(load_profile("paper", {
+        "model": str(tiny_dir), "identity_dir": str(identity), "style_dir": str(style), "tagger": "none",
+        "resolution": 64, "reg_count": 2, "reg_prompt": "dog", "class_word": "dog",
+        "train": {"steps": 2, "batch_size": 1, "repeats": 1, "checkpoint_every": 0},
+        "grids": ["fig4b"], "seeds": [0], "prompts": ["sks dog, zxq style"], "sample_steps": 2,
+        "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures"),
+    }))
+    study.prepare_data()
+    assert (study.out / "data" / "identity" / "00.txt").read_text().strip() == "sks, dog"
+    assert len(list((study.out / "data" / "reg").glob("*.png"))) == 2
+    study.train_all()
+    config = json.loads((study.adapter_files()["id_locon_all"].parent / "config.json").read_text())
+    assert config["train"]["model"] == str(tiny_dir) and config["train"]["reg_dir"].endswith("reg")
+    study.run_grids()
+    rows = study.results()
+    assert [r["cell"] for r in rows] == ["base", "ID alone", "style alone", *GRIDS["fig4b"]]
+
+
+def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
+    import bwl.run as run_module
+    from bwl.run import StudyFailed, run_study
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    import nbformat
+
+    book = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("profile = 'smoke'\noverrides = {}\ninteractive = True")
+    params.metadata["tags"] = ["parameters"]
+    book.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(book, notebooks / "99_broken.ipynb")
+    monkeypatch.setattr(run_module, "ROOT", tmp_path)
+    with pytest.raises(StudyFailed, match=r"99_broken.ipynb failed in cell \d+ \(ValueError: broken on purpose\)"):
+        run_study("smoke", {"runs_dir": str(tmp_path / "runs")}, notebooks=("99_broken.ipynb",))
+    assert (tmp_path / "runs" / "notebooks" / "99_broken.ipynb").exists()
