@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     probe = commands.add_parser("probe", help="train the toy world's probe into data/toy-probe.safetensors")
     probe.add_argument("--steps", type=int, default=600)
 
+    sweep = commands.add_parser("sweep", help="block sweep: style LoCon on every block and block pair (after the study)")
+    sweep.add_argument("--profile", default="toy")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
     gates.add_argument("--profile", default="toy")
     gates.add_argument("--count", type=int, default=64)
@@ -79,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         from .toy import train_and_save_probe
 
         print(json.dumps(train_and_save_probe(steps=args.steps), indent=2))
+    elif args.command == "sweep":
+        from .study import Study, load_profile, run_sweep, sweep_figure
+
+        study = Study(load_profile(args.profile, _overrides(parser, args.overrides)))
+        csv_path = run_sweep(study)
+        print(sweep_figure(csv_path, csv_path.with_suffix(".png")))
     elif args.command == "gates":
         from .quality import gates as measure_gates
 
@@ -86,18 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         from .run import run_study
 
-        overrides = {}
-        for item in args.overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                parser.error(f"--set takes KEY=VALUE, got {item!r}")
-            overrides[key.strip()] = configs.parse_value(value)
-        run_study(args.profile, overrides)
+        run_study(args.profile, _overrides(parser, args.overrides))
     elif args.command == "demo":
         from .demo import run_demo
 
         print(run_demo(args.out, steps=args.steps))
     return 0
+
+
+def _overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = configs.parse_value(value)
+    return overrides
 
 
 if __name__ == "__main__":

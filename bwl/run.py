@@ -7,12 +7,26 @@ notebook stops the run, naming the notebook and the cell, and is left there for 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 
 from .study import ROOT, load_profile
 
 NOTEBOOKS = ("01_data_preparation.ipynb", "02_training.ipynb", "03_ablation_grids.ipynb", "04_figures.ipynb")
+
+
+def _echo_cell_output() -> None:
+    """Show what the notebooks print (papermill logs cell output at INFO) as indented plain lines."""
+    logger = logging.getLogger("papermill")
+    if not any(getattr(h, "bwl", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        handler.bwl = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 class StudyFailed(RuntimeError):
@@ -25,6 +39,7 @@ def run_study(profile: str = "toy", overrides: dict | None = None, notebooks: tu
     from papermill.exceptions import PapermillExecutionError
 
     settings = load_profile(profile, overrides)  # fails early on unknown keys
+    _echo_cell_output()
     out = settings.out / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

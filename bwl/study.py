@@ -39,6 +39,14 @@ ADAPTERS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def adapter_parts(key: str) -> tuple[str, str, str]:
+    """(concept, method, blocks) of an adapter key such as ``style_locon_upper`` or ``style_locon_IN0+OUT3``."""
+    if key in ADAPTERS:
+        return ADAPTERS[key]
+    concept, method, blocks = key.split("_", 2)
+    return {"id": "identity"}.get(concept, concept), method, blocks
+
+
 def _method_grid(m: str) -> dict[str, dict]:
     return {
         "full ID + full style": {f"id_{m}_all": 1.0, f"style_{m}_all": 1.0},
@@ -100,6 +108,8 @@ class Profile:
     figures_dir: str = "figures"
     runs_dir: str = ""
     metrics: str = "probe"
+    sweep_pairs: bool = True
+    sweep_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
 
     def path(self, value: str) -> Path:
         """A profile path, relative to the repository root unless absolute."""
@@ -210,7 +220,7 @@ class Study:
         """The ``TrainConfig`` of one adapter: profile training settings + concept, method and blocks."""
         from .train import TrainConfig
 
-        concept, method, blocks = ADAPTERS[key]
+        concept, method, blocks = adapter_parts(key)
         p = self.profile
         values = dict(model=str(self.model), instance_dir=str(self.concept_dir(concept)), resolution=p.resolution,
                       method=method, blocks=blocks,
@@ -405,3 +415,107 @@ def plot_losses(study: Study):
         plot_loss_curve(path.parent / "loss.csv", ax=ax, label=key)
     ax.legend(fontsize=7, ncol=2)
     return ax
+
+
+def sweep_specs(pairs: bool = True) -> list[str]:
+    """Every single paper block, then every pair of them (the paper's open question 1)."""
+    from itertools import combinations
+
+    from .blocks import PAPER_BLOCKS
+
+    singles = list(PAPER_BLOCKS)
+    return singles + ([f"{a}+{b}" for a, b in combinations(PAPER_BLOCKS, 2)] if pairs else [])
+
+
+def run_sweep(study: Study, log=print) -> Path:
+    """Style LoCon trained on each block and block pair, each combined with the full-block identity; scored.
+
+    Writes ``sweep.csv`` (identity and style fidelity with CIs per block spec) to the figures folder.
+    """
+    import dataclasses as dc
+
+    from .compose import load_adapters, set_block_weights
+    from .generate import generate
+    from .pipeline import load_pipeline
+    from .train import train
+
+    p = study.profile
+    sweep_profile = dc.replace(p, seeds=list(p.sweep_seeds))
+    identity_key = "id_locon_all"
+    keys = [identity_key] + [f"style_locon_{spec}" for spec in sweep_specs(p.sweep_pairs)]
+    files = {}
+    for i, key in enumerate(keys, 1):
+        config = study.train_config(key)
+        files[key] = Path(config.output_dir) / "adapter.safetensors"
+        if files[key].exists():
+            log(f"[{i}/{len(keys)}] {key}: reusing")
+        else:
+            log(f"[{i}/{len(keys)}] {key}: training")
+            train(config, pipe=load_pipeline(study.model))
+    pipe = load_pipeline(study.model)
+    probe = study._probe()
+    rows = []
+    for key in keys[1:]:
+        adapters = {identity_key: 1.0, key: 1.0}
+        cell = cell_key(sweep_profile, adapters, files)
+        folder = study.out / "cells" / cell
+        if not (folder / "scores.json").exists():
+            load_adapters(pipe, {k: files[k] for k in adapters})
+            set_block_weights(pipe, adapters)
+            prompts = [q for q in p.prompts if p.style_trigger in q]
+            images = generate(pipe, prompts, sweep_profile.seeds, p.sample_steps, p.guidance_scale, p.batch_size, p.resolution)
+            Study(dc.replace(sweep_profile, prompts=prompts))._save_cell(folder, images, adapters, probe)
+            pipe.delete_adapters([key])
+        summary = summarize(json.loads((folder / "scores.json").read_text()))
+        rows.append({"blocks": adapter_parts(key)[2], **{m: summary[m].mean for m in ("identity", "style")},
+                     **{f"{m}_ci": summary[m].ci for m in ("identity", "style")}})
+        log(f"sweep {rows[-1]['blocks']}: identity {rows[-1]['identity']:.2f}, style {rows[-1]['style']:.2f}")
+    out = p.path(p.figures_dir) / "sweep.csv"
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return out
+
+
+def sweep_figure(csv_path: Path, out: Path) -> Path:
+    """Two heatmaps (identity, style fidelity; diagonal = single block, off-diagonal = pair) and a Pareto plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .blocks import PAPER_BLOCKS
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    index = {b: i for i, b in enumerate(PAPER_BLOCKS)}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for ax, metric in zip(axes[:2], ("identity", "style")):
+        grid = np.full((9, 9), np.nan)
+        for r in rows:
+            parts = r["blocks"].split("+")
+            i, j = index[parts[0]], index[parts[-1]]
+            grid[i, j] = grid[j, i] = float(r[metric])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(9), PAPER_BLOCKS, rotation=45)
+        ax.set_yticks(range(9), PAPER_BLOCKS)
+        ax.set_title(f"{metric} fidelity (full ID + style on block / pair)")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    ax = axes[2]
+    xs, ys = [float(r["identity"]) for r in rows], [float(r["style"]) for r in rows]
+    ax.scatter(xs, ys, s=14, color="gray")
+    front = [r for r in rows if not any(float(o["identity"]) >= float(r["identity"]) and float(o["style"]) >= float(r["style"])
+                                        and (o["identity"], o["style"]) != (r["identity"], r["style"]) for o in rows)]
+    for r in front:
+        ax.annotate(r["blocks"], (float(r["identity"]), float(r["style"])), fontsize=7)
+    ax.scatter([float(r["identity"]) for r in front], [float(r["style"]) for r in front], color="crimson", s=20, label="Pareto front")
+    ax.set_xlabel("identity fidelity")
+    ax.set_ylabel("style fidelity")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out

@@ -105,3 +105,17 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
     with pytest.raises(StudyFailed, match=r"99_broken.ipynb failed in cell \d+ \(ValueError: broken on purpose\)"):
         run_study("smoke", {"runs_dir": str(tmp_path / "runs")}, notebooks=("99_broken.ipynb",))
     assert (tmp_path / "runs" / "notebooks" / "99_broken.ipynb").exists()
+
+
+def test_block_sweep_covers_every_block_and_draws_heatmaps(tmp_path):
+    import csv
+
+    from bwl.study import run_sweep, sweep_figure, sweep_specs
+
+    assert len(sweep_specs()) == 9 + 36 and "IN0+OUT3" in sweep_specs()
+    study = smoke(tmp_path, sweep_pairs=False, sweep_seeds=[0])
+    study.prepare_data()
+    path = run_sweep(study)
+    with open(path, newline="") as f:
+        assert [r["blocks"] for r in csv.DictReader(f)] == sweep_specs(pairs=False)
+    assert sweep_figure(path, tmp_path / "sweep.png").stat().st_size > 0
