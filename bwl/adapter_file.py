@@ -160,7 +160,7 @@ def check_fits(unet: torch.nn.Module, tensors: dict[str, torch.Tensor], path: st
         if weight is None:
             raise AdapterFileError(f"{path}: module {module_name!r} has no weight to adapt")
         fan_in, fan_out = weight.shape[1], weight.shape[0]
-        if kind.startswith("A") and tensor.shape[1] != fan_in or kind.startswith("B") and tensor.shape[0] != fan_out:
+        if (kind.startswith("A") and tensor.shape[1] != fan_in) or (kind.startswith("B") and tensor.shape[0] != fan_out):
             raise AdapterFileError(
                 f"{path}: {key} has shape {tuple(tensor.shape)} but {module_name} has weight {tuple(weight.shape)} "
                 "(different base architecture?)"

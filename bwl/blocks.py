@@ -174,7 +174,7 @@ def block_weights(spec: float | str | Mapping[str, float] | Sequence[float]) -> 
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return dict.fromkeys(LBW_IDS_26, float(spec))
     if isinstance(spec, str):
-        if spec.strip().upper() in LBW_PRESETS or "," in spec and _is_number_list(spec):
+        if spec.strip().upper() in LBW_PRESETS or ("," in spec and _is_number_list(spec)):
             return lbw_weights(spec)
         selected = parse_blocks(spec)
         weights = {f: (1.0 if paper_block_of_fine(f) in selected else 0.0) for f in FINE_BLOCKS}

@@ -25,24 +25,8 @@ from .metrics import METRICS, Estimate, image_scores, summarize
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = Path(__file__).resolve().parent / "profiles"
 
-# adapter key -> (concept, method, blocks)
-ADAPTERS: dict[str, tuple[str, str, str]] = {
-    "id_lora_all": ("identity", "lora", "all"),
-    "id_locon_all": ("identity", "locon", "all"),
-    "id_locon_upper": ("identity", "locon", "upper"),
-    "style_lora_all": ("style", "lora", "all"),
-    "style_lora_upper": ("style", "lora", "upper"),
-    "style_locon_all": ("style", "locon", "all"),
-    "style_locon_upper": ("style", "locon", "upper"),
-    "style_locon_middle": ("style", "locon", "middle"),
-    "style_locon_bottom": ("style", "locon", "bottom"),
-}
-
-
 def adapter_parts(key: str) -> tuple[str, str, str]:
-    """(concept, method, blocks) of an adapter key such as ``style_locon_upper`` or ``style_locon_IN0+OUT3``."""
-    if key in ADAPTERS:
-        return ADAPTERS[key]
+    """(concept, method, blocks) of an adapter key such as ``id_lora_all`` or ``style_locon_IN0+OUT3``."""
     concept, method, blocks = key.split("_", 2)
     return {"id": "identity"}.get(concept, concept), method, blocks
 
