@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,11 +25,13 @@ def labeled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str
     w, h = rows[0][0].size
     w, h = w * scale, h * scale
     label_w = max(8 * max(len(s) for s in row_labels) + 8, 40)
-    label_h = 16
+    wrapped = [textwrap.wrap(text, max(4, w // 6)) or [""] for text in col_labels]
+    label_h = 12 * max(len(lines) for lines in wrapped) + 6
     grid = Image.new("RGB", (label_w + len(col_labels) * (w + gap), label_h + len(rows) * (h + gap)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, text in enumerate(col_labels):
-        draw.text((label_w + j * (w + gap) + 2, 2), text[: max(1, w // 6)], fill="black")
+    for j, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            draw.text((label_w + j * (w + gap) + 2, 2 + 12 * k), line, fill="black")
     for i, (label, images) in enumerate(zip(row_labels, rows)):
         y = label_h + i * (h + gap)
         draw.text((4, y + h // 2 - 6), label, fill="black")

@@ -56,6 +56,28 @@ def full_size_sd1_unet() -> UNet2DConditionModel:
     return sd1_unet((320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, sample_size=64)
 
 
+def full_size_sd1_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
+    """SD 1.x's U-Net, VAE and CLIP ViT-L text encoder with random weights (speed does not depend on weights)."""
+    with torch.device(device):
+        unet = full_size_sd1_unet()
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(TINY_WORDS), unet=unet,
+        scheduler=PNDMScheduler(**SD1_SCHEDULE), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
 def build_tiny_pipeline(directory: str | Path, seed: int = 0, words: tuple[str, ...] = TINY_WORDS) -> Path:
     """Build a random tiny SD1.x pipeline (64 px images, 8x8x4 latents) and ``save_pretrained`` it.
 

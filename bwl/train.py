@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .adapter_file import adapter_state_dict, save_adapter
-from .adapters import AdapterSpec, add_adapter
+from .adapters import AdapterSpec, add_adapter, adapted_modules
 from .atomic import atomic_path, write_json
 from .checkpoint import latest, load_state, save_state
 from .cache import LatentCache, TextCache, encode_distribution, sample_latents, to_pixels
@@ -84,6 +85,10 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = True
+    channels_last: bool | None = None  # None: on for CUDA, off on CPU (where it is slower)
+    compile_unet: bool = False
+    compile_backend: str = "inductor"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     fixed_timestep: int | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -201,43 +206,124 @@ def checkpoints(output_dir: Path) -> list[Path]:
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to ``device`` without a host sync on CUDA (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: fused where the device has a fused kernel, 8-bit (bitsandbytes) when ``optimizer='adamw8bit'``."""
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise ImportError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from error
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    if config.optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: adamw, adamw8bit")
+    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+class TrainingRun:
+    """One prepared run: the U-Net with its adapter, optimizer, LR schedule and caches. :meth:`step` is the fast
+    path (cached latents and text, device-side noise, no host sync); :func:`train` adds logging and checkpoints."""
+
+    def __init__(self, config: TrainConfig, pipe: StableDiffusionPipeline | None = None):
+        if config.random_crop and config.cache_latents:
+            raise ValueError("random_crop needs cache_latents=False: cached latents are of the fixed center crop")
+        self.config = config
+        self.spec = config.adapter_spec()
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=True)  # a new precision in the same process (notebooks)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        self.device = device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        self.data = prepare_data(config)
+        self.pipe = pipe = pipe or load_pipeline(config.model)
+        unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        for module in (unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.to(device) if self.weight_dtype == torch.float32 else module.to(device, dtype=self.weight_dtype)
+        set_seed(config.seed)  # the LoRA init draws from the global RNGs
+        add_adapter(unet, self.spec, ADAPTER)
+        for param in unet.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        if self.weight_dtype != torch.float32:  # autocast picks the dtypes; peft's casts of every input to fp32 only copy
+            for module in adapted_modules(unet, ADAPTER).values():
+                module.cast_input_dtype_enabled = False
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+        if self.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        unet.train()
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.latent_cache = LatentCache(self.vae, self.data.images, config.random_flip) if config.cache_latents else None
+        self.pixels = None if config.cache_latents else to_pixels(self.data.images)
+        self.text_cache = TextCache(pipe.tokenizer, self.text_encoder, memoize=not config.shuffle_tags)
+        self.reg_weight = torch.tensor([config.prior_loss_weight if ex.is_reg else 1.0 for ex in self.data.examples])
+        self.trainable = [p for p in unet.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.trainable, config, device)
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                          num_training_steps=config.steps)
+        self.unet = unet
+        self.forward_unet = self.accelerator.prepare(unet)
+        if config.compile_unet:
+            self.forward_unet = torch.compile(self.forward_unet, backend=config.compile_backend)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
+        """Latents, text embeddings and loss weights of ``step``, plus the generator for its noise and timesteps.
+
+        On CPU one generator seeded by ``(seed, step)`` draws everything; on CUDA the flips come from it and the
+        latent samples, noise and timesteps from a CUDA generator with the same seed (so GPU runs differ from CPU).
+        """
+        config, device = self.config, self.device
+        host = step_generator(config.seed, step)
+        on_device = host if device.type == "cpu" else step_generator(config.seed, step, device)
+        rng = random.Random(config.seed * 1_000_003 + step)
+        indices = batch_indices(self.data.order, config.seed, step, config.batch_size,
+                                self.accelerator.process_index, self.accelerator.num_processes)
+        index = torch.tensor(indices)
+        flip = torch.rand(len(indices), generator=host) < 0.5 if config.random_flip else torch.zeros(len(indices), dtype=torch.bool)
+        if self.latent_cache is not None:
+            latents = self.latent_cache.sample(to_device(index, device), to_device(flip, device), on_device)
+        else:
+            batch_pixels = torch.where(flip[:, None, None, None], self.pixels[index].flip(-1), self.pixels[index])
+            mean, std = encode_distribution(self.vae, to_device(batch_pixels, device))
+            latents = sample_latents(mean, std, self.vae.config.scaling_factor, on_device)
+        latents = latents.to(device, self.weight_dtype)
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        text = self.text_cache(captions_for(self.data, indices, config, rng)).to(device, self.weight_dtype)
+        return latents, text, to_device(self.reg_weight[index], device), on_device
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step; returns the loss as a device tensor (reading it is the caller's sync)."""
+        latents, text, weights, generator = self.batch(step)
+        with self.accelerator.autocast():
+            loss = denoising_loss(self.forward_unet, self.noise_scheduler, latents, text, generator,
+                                  self.config.fixed_timestep, weights)
+        self.accelerator.backward(loss)
+        if self.config.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
 def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> Path:
     """Train one block-wise adapter; returns the final adapter file (``<output_dir>/adapter.safetensors``)."""
     out = Path(config.output_dir)
-    spec = config.adapter_spec()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    if config.random_crop and config.cache_latents:
-        raise ValueError("random_crop needs cache_latents=False: cached latents are of the fixed center crop")
-
-    data = prepare_data(config)
-    pipe = pipe or load_pipeline(config.model)
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
-    set_seed(config.seed)  # the LoRA init draws from the global RNGs
-    add_adapter(unet, spec, ADAPTER)
-    for param in unet.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    latent_cache = LatentCache(vae, data.images, config.random_flip) if config.cache_latents else None
-    pixels = None if config.cache_latents else to_pixels(data.images)
-    text_cache = TextCache(pipe.tokenizer, text_encoder, memoize=not config.shuffle_tags)
-    reg_weight = torch.tensor([config.prior_loss_weight if ex.is_reg else 1.0 for ex in data.examples])
-
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=device.type == "cuda" or None,
-    )
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
+    run = TrainingRun(config, pipe)
+    accelerator, unet, optimizer, lr_scheduler = run.accelerator, run.unet, run.optimizer, run.lr_scheduler
 
     start = 0
     existing = checkpoints(out)
@@ -247,37 +333,15 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     elif (out / "adapter.safetensors").exists() or existing:
         raise FileExistsError(f"{out}: already holds a run; pass resume=True to continue it or choose a new output_dir")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"bwl_version": __version__, "train": config.to_dict(), "adapter": spec.to_dict()})
+    write_json(out / "config.json", {"bwl_version": __version__, "train": config.to_dict(), "adapter": run.spec.to_dict()})
     log = LossLog(out, start)
 
-    unet, optimizer = accelerator.prepare(unet, optimizer)
     end = min(config.steps, config.stop_after or config.steps)
-    progress = tqdm(total=config.steps, initial=start, desc=f"train {spec.method} {spec.blocks}", file=sys.stdout,
+    progress = tqdm(total=config.steps, initial=start, desc=f"train {run.spec.method} {run.spec.blocks}", file=sys.stdout,
                     disable=not sys.stdout.isatty(), dynamic_ncols=True)
-    running, count, last_good, t0 = torch.zeros((), device=device), 0, start, time.time()
+    running, count, last_good, t0 = torch.zeros((), device=run.device), 0, start, time.time()
     for step in range(start, end):
-        generator = step_generator(config.seed, step)
-        rng = random.Random(config.seed * 1_000_003 + step)
-        indices = batch_indices(data.order, config.seed, step, config.batch_size, accelerator.process_index, accelerator.num_processes)
-        index = torch.tensor(indices)
-        flip = torch.rand(len(indices), generator=generator) < 0.5 if config.random_flip else torch.zeros(len(indices), dtype=torch.bool)
-        if latent_cache is not None:
-            latents = latent_cache.sample(index, flip, generator)
-        else:
-            batch_pixels = torch.where(flip[:, None, None, None], pixels[index].flip(-1), pixels[index])
-            mean, std = encode_distribution(vae, batch_pixels)
-            latents = sample_latents(mean, std, vae.config.scaling_factor, generator)
-        text = text_cache(captions_for(data, indices, config, rng)).to(device, weight_dtype)
-        with accelerator.autocast():
-            loss = denoising_loss(unet, noise_scheduler, latents.to(device, weight_dtype), text, generator,
-                                  config.fixed_timestep, reg_weight[index].to(device))
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running += loss.detach()
+        running += run.step(step)
         count += 1
         done = step + 1
         if done % config.log_every == 0 or done == end:
@@ -291,23 +355,21 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
             progress.update(done - progress.n)
             if not sys.stdout.isatty():
                 print(f"step {done}/{config.steps} loss {mean_loss:.4f} ({(time.time() - t0) / count:.3f} s/step)", flush=True)
-            running, count, t0 = torch.zeros((), device=device), 0, time.time()
+            running, count, t0 = torch.zeros((), device=run.device), 0, time.time()
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             if count:
                 pending = (running / count).item()
                 if not math.isfinite(pending):
                     raise TrainingDiverged(f"loss became {pending} before step {done}; kept checkpoint step {last_good}")
             if accelerator.is_main_process:
-                save_checkpoint(out / "checkpoints" / f"checkpoint-{done:07d}.safetensors",
-                                accelerator.unwrap_model(unet), optimizer, lr_scheduler, done, config)
+                save_checkpoint(out / "checkpoints" / f"checkpoint-{done:07d}.safetensors", unet, optimizer, lr_scheduler, done, config)
                 for old in checkpoints(out)[: -config.keep_checkpoints]:
                     old.unlink()
             last_good = done
         if config.sample_every and config.sample_prompts and done % config.sample_every == 0:
-            save_samples(pipe, config, out / "samples" / f"step-{done:07d}.png")
+            save_samples(run.pipe, config, out / "samples" / f"step-{done:07d}.png")
     progress.close()
     log.close()
-    unet = accelerator.unwrap_model(unet)
     if end < config.steps:
         if accelerator.is_main_process and not (out / "checkpoints" / f"checkpoint-{end:07d}.safetensors").exists():
             save_checkpoint(out / "checkpoints" / f"checkpoint-{end:07d}.safetensors", unet, optimizer, lr_scheduler, end, config)
@@ -315,7 +377,7 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
         return out / "checkpoints" / f"checkpoint-{end:07d}.safetensors"
     final = out / "adapter.safetensors"
     if accelerator.is_main_process:
-        save_adapter(unet, final, spec, ADAPTER, base_model=config.model, trigger=config.trigger, steps=config.steps)
+        save_adapter(unet, final, run.spec, ADAPTER, base_model=config.model, trigger=config.trigger, steps=config.steps)
     return final
 
 

@@ -1,0 +1,82 @@
+"""The efficiency table the paper claims but never measured: bwl's training step time, peak memory and trainable
+parameters for each block selection, LoRA and LoCon.
+
+    python benchmarks/bench_blocks.py                # tiny model on CPU; full-size 512 px b2 bf16 where CUDA is available
+    python benchmarks/bench_blocks.py --model full   # full-size architecture (32x32 latent on CPU)
+
+Writes benchmarks/results/blocks-<cpu|cuda>.csv and .md (the README shows them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakMemory, gib, load_model, time_steps, write_dataset, write_table
+
+from bwl.train import TrainConfig, TrainingRun
+
+SELECTIONS = {
+    "all": "all", "upper (IN0+OUT3)": "upper", "middle (IN1+OUT2)": "middle", "bottom (IN2+OUT1)": "bottom",
+    "OUT only": "OUT0+OUT1+OUT2+OUT3", "IN only": "IN0+IN1+IN2+IN3",
+}
+SETTINGS = {  # device -> (model, resolution, batch, precision, steps, rounds)
+    "cpu": ("tiny", 64, 2, "no", 30, 3),
+    "cuda": ("full", 512, 2, "bf16", 15, 3),
+}
+
+
+def measure(model: str, resolution: int, batch: int, precision: str, steps: int, rounds: int, device: torch.device,
+            method: str, blocks: str, workdir: Path) -> dict:
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    config = TrainConfig(output_dir=str(workdir / "run"), model=model, repeats=1, method=method, blocks=blocks, rank=4,
+                         instance_dir=str(write_dataset(workdir / "data", resolution)), resolution=resolution,
+                         batch_size=batch, steps=10_000, mixed_precision=precision)
+    run = TrainingRun(config, load_model(model, device, dtype))
+    for i in range(2):
+        run.step(i)
+    times, peak = [], 0
+    for r in range(rounds):
+        with PeakMemory(device) as memory:
+            times.append(time_steps(run.step, 10 + r * steps, steps, device))
+        peak = max(peak, memory.peak)
+    return {"seconds": statistics.median(times), "peak": peak, "params": sum(p.numel() for p in run.trainable)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["tiny", "full"], help="override the device's default model")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, resolution, batch, precision, steps, rounds = SETTINGS[device.type]
+    if args.model == "full" and device.type == "cpu":
+        model, resolution, batch, steps, rounds = "full", 256, 1, 2, 1
+    elif args.model:
+        model = args.model
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("lora", "locon"):
+            baseline = None
+            for label, blocks in SELECTIONS.items():
+                m = measure(model, resolution, batch, precision, steps, rounds, device, method, blocks, Path(tmp))
+                baseline = baseline or m
+                rows.append({
+                    "method": method, "blocks": label, "trainable params": f"{m['params']:,}",
+                    "step ms": f"{m['seconds'] * 1000:.1f}", "step vs all": f"{m['seconds'] / baseline['seconds']:.2f}",
+                    "peak GiB" if device.type == "cuda" else "peak RSS growth GiB": gib(m["peak"]),
+                })
+                print(" | ".join(f"{k}: {v}" for k, v in rows[-1].items()), flush=True)
+    setting = f"{model} model, {resolution} px, batch {batch}, precision {precision}"
+    command = "python benchmarks/bench_blocks.py" + (f" --model {args.model}" if args.model else "") + f" ({setting})"
+    csv_path, md_path = write_table(f"blocks-{device.type}", rows, command)
+    print(f"wrote {csv_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""bwl's training step vs the DreamBooth-LoRA reference step, alternating in one process on the same model, data,
+batch and resolution. Prints steps/s, peak memory, their ratio and (on GPU) model-FLOPs utilization.
+
+    python benchmarks/bench_train.py            # CPU rows always; GPU rows too where CUDA is available
+    python benchmarks/bench_train.py --only tiny    # or --device cuda: the GPU rows alone
+
+Writes benchmarks/results/train-<cpu|cuda>.csv and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakMemory, gib, load_model, peak_tflops, time_steps, write_dataset, write_table
+from reference import ReferenceStep
+
+from bwl.train import TrainConfig, TrainingRun
+
+
+@dataclass
+class Row:
+    name: str
+    model: str
+    resolution: int
+    batch_size: int
+    device: str
+    precision: str = "no"
+    checkpointing: bool = False
+    compile: bool = False
+    steps: int = 10
+    rounds: int = 3
+    warmup: int = 2
+
+
+CPU_ROWS = [
+    Row("tiny 64px b2", "tiny", 64, 2, "cpu", steps=40, rounds=5, warmup=5),
+    Row("full-size 256px (32x32 latent) b1", "full", 256, 1, "cpu", steps=2, rounds=2, warmup=1),
+]
+GPU_ROWS = [
+    Row("full-size 512px b2 bf16", "full", 512, 2, "cuda", "bf16", steps=20),
+    Row("full-size 512px b2 fp16 + checkpointing (T4 settings)", "full", 512, 2, "cuda", "fp16", checkpointing=True, steps=20),
+    Row("full-size 512px b8 bf16", "full", 512, 8, "cuda", "bf16", steps=10),
+    Row("full-size 512px b8 bf16 + compile", "full", 512, 8, "cuda", "bf16", compile=True, steps=10, warmup=3),
+]
+
+
+def prepare(row: Row, workdir: Path) -> TrainingRun:
+    device = torch.device(row.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(row.precision, torch.float32)
+    config = TrainConfig(
+        output_dir=str(workdir / "run"), model=row.model, instance_dir=str(write_dataset(workdir / f"data-{row.resolution}", row.resolution)),
+        trigger="sks", repeats=1, method="lora", blocks="all", rank=4, resolution=row.resolution, batch_size=row.batch_size,
+        steps=10_000, mixed_precision=row.precision, gradient_checkpointing=row.checkpointing, compile_unet=row.compile,
+    )
+    return TrainingRun(config, load_model(row.model, device, dtype))
+
+
+def model_flops(run: TrainingRun) -> float:
+    """FLOPs of one bwl step (forward and backward, no recomputation), counted by torch's flop counter."""
+    with FlopCounterMode(display=False) as counter:
+        run.step(0)
+    return float(counter.get_total_flops())
+
+
+def bench(row: Row, flops_cache: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = prepare(row, Path(tmp))
+        reference = ReferenceStep(run)
+        device = run.device
+        for i in range(row.warmup):
+            run.step(i)
+            reference(i)
+        key = (row.model, row.resolution, row.batch_size)
+        if key not in flops_cache and not row.compile and not row.checkpointing:
+            flops_cache[key] = model_flops(run)
+        fast, slow, fast_peak, slow_peak = [], [], 0, 0
+        for r in range(row.rounds):
+            with PeakMemory(device) as memory:
+                fast.append(time_steps(run.step, 100 + r * row.steps, row.steps, device))
+            fast_peak = max(fast_peak, memory.peak)
+            with PeakMemory(device) as memory:
+                slow.append(time_steps(reference, 100 + r * row.steps, row.steps, device))
+            slow_peak = max(slow_peak, memory.peak)
+        fast_s, slow_s = statistics.median(fast), statistics.median(slow)
+        flops, peak = flops_cache.get(key), peak_tflops()
+        mfu = f"{flops / fast_s / (peak * 1e12):.1%}" if flops and peak and device.type == "cuda" else "-"
+        return {
+            "setting": row.name, "trainable params": sum(p.numel() for p in run.trainable),
+            "bwl steps/s": f"{1 / fast_s:.2f}", "reference steps/s": f"{1 / slow_s:.2f}", "speedup": f"{slow_s / fast_s:.2f}x",
+            "bwl peak GiB": gib(fast_peak), "reference peak GiB": gib(slow_peak),
+            "GFLOP/step": f"{flops / 1e9:.1f}" if flops else "-", "bwl MFU (bf16 peak)": mfu,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["tiny", "full"], help="run only the rows of this model")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="run only the rows of this device")
+    args = parser.parse_args()
+    rows = CPU_ROWS + (GPU_ROWS if torch.cuda.is_available() else [])
+    rows = [r for r in rows if args.only in (None, r.model) and args.device in (None, r.device)]
+    results, flops_cache = [], {}
+    for row in rows:
+        try:
+            results.append(bench(row, flops_cache))
+        except (RuntimeError, torch.OutOfMemoryError) as error:  # one failed setting still leaves the others' rows
+            traceback.print_exc()
+            results.append({"setting": row.name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(" | ".join(f"{k}: {v}" for k, v in results[-1].items()), flush=True)
+    for device in ("cpu", "cuda"):
+        chosen = [res for res, row in zip(results, rows) if row.device == device]
+        if chosen:
+            csv_path, md_path = write_table(f"train-{device}", chosen, "python benchmarks/bench_train.py" + "".join(
+                f" --{k} {v}" for k, v in vars(args).items() if v))
+            print(f"wrote {csv_path} and {md_path}")
+    if not torch.cuda.is_available():
+        print("GPU rows: not measured (no CUDA device)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""What the benchmarks share: models, a synthetic dataset, timing and peak memory, and result tables."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+from bwl.atomic import atomic_path, write_text
+from bwl.tiny import full_size_sd1_pipeline, tiny_pipeline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TINY_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench" / "tiny-sd"
+
+# bf16 dense tensor-core peaks (TFLOP/s) for model-FLOPs utilization; the SXM parts' datasheet values.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0}
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+
+
+def peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def load_model(kind: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """``tiny`` (the test model, through from_pretrained) or ``full`` (SD 1.x's architecture, random weights).
+
+    Frees what earlier settings left first, so one setting's peak memory never includes another's model.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if kind == "tiny":
+        pipe = tiny_pipeline(TINY_DIR)
+        return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+    if kind == "full":
+        return full_size_sd1_pipeline(dtype, device)
+    raise ValueError(f"unknown model {kind!r}; valid: tiny, full")
+
+
+def write_dataset(folder: Path, resolution: int, count: int = 8, seed: int = 0) -> Path:
+    """``count`` random-block images at ``resolution`` with tag captions (content does not change speed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        if (folder / f"{i:02d}.png").exists():
+            continue
+        blocks = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((resolution, resolution), Image.Resampling.NEAREST).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"sks, dog, {'red' if i % 2 else 'blue'} background\n")
+    return folder
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of a block of work: CUDA's allocator peak on GPU, else the process's peak RSS above its start
+    (sampled every 5 ms, so short spikes can be missed)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.process = psutil.Process()
+            self.start = self.process.memory_info().rss
+            self.running = True
+            self.highest = self.start
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.highest = max(self.highest, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = self.highest - self.start
+
+
+def time_steps(step: Callable[[int], object], first: int, count: int, device: torch.device) -> float:
+    """Seconds per call of ``step(i)`` for ``count`` calls, synchronized at both ends only."""
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(first, first + count):
+        step(i)
+    synchronize(device)
+    return (time.perf_counter() - start) / count
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f}"
+
+
+def write_table(name: str, rows: list[dict], command: str) -> tuple[Path, Path]:
+    """``benchmarks/results/<name>.csv`` and ``.md`` (with date, machine and command), written atomically."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = RESULTS / f"{name}.csv", RESULTS / f"{name}.md"
+    with atomic_path(csv_path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    lines = [
+        f"Measured {datetime.date.today()} on {machine()}, torch {torch.__version__}: `{command}`",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(str(r.get(k, "")) for k in header) + " |" for r in rows],
+    ]
+    write_text(md_path, "\n".join(lines) + "\n")
+    return csv_path, md_path
