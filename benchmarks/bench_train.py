@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakMemory, gib, load_model, peak_tflops, time_steps, write_dataset, write_table
+from common import PeakMemory, load_model, peak_tflops, size, time_steps, write_dataset, write_table
 from reference import ReferenceStep
 
 from bwl.train import TrainConfig, TrainingRun
@@ -44,6 +44,7 @@ class Row:
 
 CPU_ROWS = [
     Row("tiny 64px b2", "tiny", 64, 2, "cpu", steps=40, rounds=5, warmup=5),
+    Row("tiny 64px b2 + compile", "tiny", 64, 2, "cpu", compile=True, steps=40, rounds=5, warmup=5),
     Row("full-size 256px (32x32 latent) b1", "full", 256, 1, "cpu", steps=2, rounds=2, warmup=1),
 ]
 GPU_ROWS = [
@@ -97,7 +98,7 @@ def bench(row: Row, flops_cache: dict) -> dict:
         return {
             "setting": row.name, "trainable params": sum(p.numel() for p in run.trainable),
             "bwl steps/s": f"{1 / fast_s:.2f}", "reference steps/s": f"{1 / slow_s:.2f}", "speedup": f"{slow_s / fast_s:.2f}x",
-            "bwl peak GiB": gib(fast_peak), "reference peak GiB": gib(slow_peak),
+            "bwl peak": size(fast_peak), "reference peak": size(slow_peak),
             "GFLOP/step": f"{flops / 1e9:.1f}" if flops else "-", "bwl MFU (bf16 peak)": mfu,
         }
 

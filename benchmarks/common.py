@@ -119,6 +119,11 @@ def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f}"
 
 
+def size(n_bytes: float) -> str:
+    """Bytes as GiB, or MiB below 1 GiB."""
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
 def write_table(name: str, rows: list[dict], command: str) -> tuple[Path, Path]:
     """``benchmarks/results/<name>.csv`` and ``.md`` (with date, machine and command), written atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     gates.add_argument("--profile", default="toy")
     gates.add_argument("--count", type=int, default=64)
 
+    findings = commands.add_parser("findings", help="the paper's claims C1-C3 decided from a study's results table")
+    findings.add_argument("--profile", default="toy")
+
     inspect = commands.add_parser("inspect", help="method, blocks, ranks and parameters of an adapter file")
     inspect.add_argument("path")
 
@@ -93,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         from .quality import gates as measure_gates
 
         print(json.dumps(measure_gates(args.profile, args.count), indent=2))
+    elif args.command == "findings":
+        from .findings import findings_markdown
+        from .study import Study, load_profile
+
+        print(findings_markdown(Study(load_profile(args.profile)).results()))
     elif args.command == "run":
         from .run import run_study
 

@@ -29,6 +29,34 @@ def _echo_cell_output() -> None:
         logger.propagate = False
 
 
+NOTEBOOK_PARAMETERS = ("profile", "overrides", "interactive")
+PAPERMILL_TYPES = (str, int, float, bool, list, dict, type(None))  # what a -p value can be (imports are not)
+
+
+class ParameterGuard:
+    """Refuses papermill parameters a notebook does not declare (papermill itself only warns).
+
+    Made in the setup cell, before the ``parameters`` cell; :meth:`check`, in the cell after the parameters, names
+    every variable that appeared in between other than the declared parameters: those came from ``-p``.
+    """
+
+    def __init__(self, namespace: dict):
+        self.before = set(namespace)
+        self.checked = False
+
+    def check(self, namespace: dict, declared: tuple[str, ...] = NOTEBOOK_PARAMETERS) -> None:
+        if self.checked:  # re-running the cell later in JupyterLab sees the notebook's own variables
+            return
+        self.checked = True
+        unknown = sorted(k for k, v in namespace.items() if k not in self.before and k not in declared
+                         and not k.startswith("_") and isinstance(v, PAPERMILL_TYPES))
+        if unknown:
+            from .config import ConfigError
+
+            raise ConfigError(f"unknown notebook parameter(s) {', '.join(map(repr, unknown))}; valid: {', '.join(declared)} "
+                              "(profile keys go inside overrides, e.g. -p overrides '{\"seeds\": [0, 1]}')")
+
+
 class StudyFailed(RuntimeError):
     """A notebook of the study failed."""
 

@@ -318,6 +318,11 @@ class Study:
                 writer.writeheader()
                 writer.writerows(rows)
         write_text(figures / "results.md", results_markdown(rows))
+        grids = {r["grid"] for r in rows}
+        if all(int(r["identity_n"]) for r in rows) and {"fig2", "fig3", "fig4a", "fig4b"} <= grids:
+            from .findings import findings_markdown
+
+            write_text(figures / "findings.md", findings_markdown(rows))
         write_json(figures / "results.json", {"profile": dataclasses.asdict(self.profile), "rows": rows, "bwl_version": __version__})
         return figures / "results.csv"
 

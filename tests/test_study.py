@@ -29,6 +29,29 @@ def test_profiles_load_and_refuse_unknown_keys():
         load_profile("toy", {"grids": ["fig9"]})
 
 
+def test_unknown_raw_papermill_parameter_is_refused_naming_it(tmp_path):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from bwl.study import ROOT
+
+    with pytest.raises(PapermillExecutionError, match=r"unknown notebook parameter\(s\) 'seedz'; valid: profile, overrides"):
+        papermill.execute_notebook(str(ROOT / "notebooks" / "04_figures.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"profile": "smoke", "seedz": [0, 1], "interactive": False},
+                                   kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+
+
+def test_parameter_guard_passes_declared_parameters_and_rechecks_nothing():
+    from bwl.run import ParameterGuard
+
+    namespace = {"sys": object()}
+    guard = ParameterGuard(namespace)
+    namespace.update(profile="toy", overrides={}, interactive=False, _i3="cell text", guard=guard, Study=type)
+    guard.check(namespace)
+    namespace["study"] = object()  # the notebook's own variables, when a cell is re-run in JupyterLab
+    guard.check(namespace)
+
+
 def test_paper_profile_defaults_are_the_papers():
     p = load_profile("paper")
     assert p.model == "CompVis/stable-diffusion-v1-4" and p.resolution == 512
@@ -119,3 +142,22 @@ def test_block_sweep_covers_every_block_and_draws_heatmaps(tmp_path):
     with open(path, newline="") as f:
         assert [r["blocks"] for r in csv.DictReader(f)] == sweep_specs(pairs=False)
     assert sweep_figure(path, tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_findings_decide_claims_by_non_overlapping_intervals():
+    from bwl.findings import claim_verdict, compare, findings_markdown
+
+    def row(grid, cell, identity, style, ci=0.05):
+        return {"grid": grid, "cell": cell, "identity": identity, "identity_ci": ci, "identity_n": 40,
+                "style": style, "style_ci": ci, "style_n": 40}
+
+    rows = [row("fig4a", "full ID + upper style", 0.8, 0.7), row("fig4a", "upper ID + full style", 0.5, 0.7),
+            row("fig4a", "upper ID + upper style", 0.95, 0.2)]
+    beats = compare(rows, "fig4a", "full ID + upper style", "upper ID + full style")
+    assert beats.verdict == "beats" and beats.better == ["identity"] and beats.worse == []
+    trade = compare(rows, "fig4a", "full ID + upper style", "upper ID + upper style")
+    assert trade.verdict == "trade-off" and trade.worse == ["identity"] and trade.better == ["style"]
+    assert claim_verdict([beats]) == "holds" and claim_verdict([beats, trade]) == "partly"
+    assert compare(rows, "fig4a", "upper ID + full style", "full ID + upper style").verdict == "loses"
+    with pytest.raises(KeyError, match="fig2"):
+        findings_markdown(rows)
