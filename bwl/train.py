@@ -98,6 +98,12 @@ class TrainConfig:
     resume: bool = False
     stop_after: int | None = None
 
+    def __post_init__(self) -> None:
+        choices = {"optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {', '.join(valid)}")
+
     def adapter_spec(self) -> AdapterSpec:
         """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI)."""
         return AdapterSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterSpec)})
@@ -223,8 +229,6 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device
         except ImportError as error:
             raise ImportError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from error
         return bitsandbytes.optim.AdamW8bit(params, **kwargs)
-    if config.optimizer != "adamw":
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: adamw, adamw8bit")
     return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 

@@ -236,3 +236,19 @@ def test_samples_and_loss_curve(tmp_path, tiny_dir):
     assert [p.name for p in samples] == ["step-0000005.png", "step-0000010.png"]
     ax = plot_loss_curve(tmp_path / "run" / "loss.csv")
     assert len(ax.lines[0].get_xdata()) == 2
+
+
+def test_optimizer_and_precision_choices_are_checked_when_configured():
+    with pytest.raises(ValueError, match="optimizer='sgd' is not one of adamw, adamw8bit"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="mixed_precision='fp8'"):
+        TrainConfig(mixed_precision="fp8")
+    import importlib.util
+
+    from bwl.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ImportError, match="optimizer='adamw8bit' needs bitsandbytes"):
+            make_optimizer(params, TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+    assert make_optimizer(params, TrainConfig(), torch.device("cpu")).defaults["fused"]
