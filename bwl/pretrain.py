@@ -9,6 +9,7 @@ safetensors) to ``data/toy-sd`` and loads through the same ``from_pretrained`` p
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ TEXT_LENGTH = 32
 
 @dataclass
 class PretrainConfig:
-    """Pretraining settings; defaults are what produced the shipped ``data/toy-sd``."""
+    """Pretraining settings. The shipped ``data/toy-sd`` was made with these defaults at ``unet_steps=1600``, then
+    resumed to the default ``unet_steps`` (see its ``pretrain.json``)."""
 
     work_dir: str = "runs/pretrain"
     model_dir: str = "data/toy-sd"
@@ -40,7 +42,7 @@ class PretrainConfig:
     vae_steps: int = 600
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 1600
+    unet_steps: int = 3600
     unet_batch: int = 64
     unet_lr: float = 8e-4
     dataset_size: int = 16384
@@ -169,27 +171,48 @@ def train_unet(config: PretrainConfig, vae: AutoencoderKL):
             print(f"unet step {step + 1}/{config.unet_steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)", flush=True)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
             _checkpoint(stage, {"unet": unet, "text_encoder": text_encoder}, optimizer, scheduler, step + 1)
-    return unet.eval(), text_encoder.eval(), tokenizer
+    return unet.eval(), text_encoder.eval(), tokenizer, start
 
 
 def pretrain(config: PretrainConfig) -> Path:
-    """Both stages, then save the pipeline (fp16 safetensors) and a record of how it was made."""
+    """Both stages, then save the pipeline (fp16 safetensors) and a record of how it was made.
+
+    Raising ``unet_steps`` and rerunning continues from the last U-Net checkpoint (the cosine schedule restarts at the
+    new horizon's point); ``pretrain.json`` keeps one entry per session, so the record shows how the model was made.
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.time()
     vae = train_vae(config)
     vae_minutes = (time.time() - started) / 60
-    unet, text_encoder, tokenizer = train_unet(config, vae)
+    unet, text_encoder, tokenizer, unet_start = train_unet(config, vae)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**SD1_SCHEDULE),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     model_dir = Path(config.model_dir)
+    record_path = model_dir / "pretrain.json"
+    sessions = _sessions(record_path)
     pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
-    write_json(model_dir / "pretrain.json", {
+    sessions.append({
         "config": dataclasses.asdict(config),
+        "resumed_unet_at": unet_start,
         "minutes": {"vae": round(vae_minutes, 1), "total": round((time.time() - started) / 60, 1)},
         "threads": torch.get_num_threads(),
+    })
+    write_json(record_path, {
         "command": "python -m bwl pretrain",
+        "sessions": sessions,
+        "minutes": round(sum(s["minutes"]["total"] for s in sessions), 1),
     })
     return model_dir
+
+
+def _sessions(record_path: Path) -> list[dict]:
+    """Earlier pretraining sessions of the model in ``record_path`` (a resumed run extends them)."""
+    if not record_path.exists():
+        return []
+    record = json.loads(record_path.read_text())
+    if "sessions" in record:
+        return record["sessions"]
+    return [{"config": record["config"], "resumed_unet_at": 0, "minutes": record["minutes"], "threads": record["threads"]}]

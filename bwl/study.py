@@ -135,11 +135,15 @@ def config_hash(values: dict) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def cell_key(profile: Profile, adapters: dict[str, object], adapter_files: dict[str, Path]) -> str:
-    """A key for a grid cell's images: adapters (by file hash), weights, prompts, seeds and sampler."""
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def cell_key(profile: Profile, model_fingerprint: str, adapters: dict[str, object], adapter_files: dict[str, Path]) -> str:
+    """A key for a grid cell's images: base model and adapters (by content), weights, prompts, seeds and sampler."""
     return config_hash({
-        "model": profile.model, "weights": {k: str(v) for k, v in adapters.items()},
-        "files": {k: str(adapter_files[k]) for k in adapters}, "prompts": profile.prompts, "seeds": profile.seeds,
+        "model": model_fingerprint, "weights": {k: str(v) for k, v in adapters.items()},
+        "files": {k: file_hash(adapter_files[k]) for k in adapters}, "prompts": profile.prompts, "seeds": profile.seeds,
         "steps": profile.sample_steps, "cfg": profile.guidance_scale,
     })
 
@@ -151,6 +155,17 @@ class Study:
         self.profile = profile
         self.out = profile.out
         self.model = profile.path(profile.model) if (ROOT / profile.model).exists() or profile.build_tiny else profile.model
+        self._model_fingerprint: str | None = None
+
+    @property
+    def model_fingerprint(self) -> str:
+        """The base model by content (a hash of its local files) or by hub id, so that adapters and cells made
+        with other weights under the same name are never reused."""
+        if self._model_fingerprint is None:
+            if not Path(self.model).is_dir():
+                return str(self.model)
+            self._model_fingerprint = fingerprint(Path(self.model))
+        return self._model_fingerprint
 
     # ----- data --------------------------------------------------------------------------------------------------
 
@@ -216,6 +231,9 @@ class Study:
         values.update(p.train)
         identity = {k: v for k, v in values.items() if k not in ("output_dir", "resume", "stop_after")}
         identity["data"] = fingerprint(self.concept_dir(concept))
+        identity["model_weights"] = self.model_fingerprint
+        if "reg_dir" in values:
+            identity["reg_data"] = fingerprint(Path(values["reg_dir"]))
         values["output_dir"] = str(self.out / "adapters" / f"{key}-{config_hash(identity)}")
         return TrainConfig(**values)
 
@@ -265,7 +283,7 @@ class Study:
         unique: dict[str, tuple[str, str]] = {}
         for grid, cells in self.cells().items():
             for label, adapters in cells.items():
-                key = cell_key(p, adapters, files)
+                key = cell_key(p, self.model_fingerprint, adapters, files)
                 folder = self.out / "cells" / key
                 if not (folder / "scores.json").exists():
                     set_block_weights(pipe, adapters)
@@ -446,7 +464,7 @@ def run_sweep(study: Study, log=print) -> Path:
     rows = []
     for key in keys[1:]:
         adapters = {identity_key: 1.0, key: 1.0}
-        cell = cell_key(sweep_profile, adapters, files)
+        cell = cell_key(sweep_profile, study.model_fingerprint, adapters, files)
         folder = study.out / "cells" / cell
         if not (folder / "scores.json").exists():
             load_adapters(pipe, {k: files[k] for k in adapters})
