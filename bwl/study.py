@@ -136,14 +136,16 @@ def config_hash(values: dict) -> str:
 
 
 def file_hash(path: Path) -> str:
+    """A hash of one file's bytes (an adapter file in a grid cell's key)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def cell_key(profile: Profile, model_fingerprint: str, adapters: dict[str, object], adapter_files: dict[str, Path]) -> str:
-    """A key for a grid cell's images: base model and adapters (by content), weights, prompts, seeds and sampler."""
+def cell_key(profile: Profile, model_fingerprint: str, adapters: dict[str, object], adapter_hashes: dict[str, str]) -> str:
+    """A key for a grid cell's images: base model and adapters (by content: ``file_hash`` of each adapter file, computed
+    once per run), weights, prompts, seeds and sampler."""
     return config_hash({
         "model": model_fingerprint, "weights": {k: str(v) for k, v in adapters.items()},
-        "files": {k: file_hash(adapter_files[k]) for k in adapters}, "prompts": profile.prompts, "seeds": profile.seeds,
+        "files": {k: adapter_hashes[k] for k in adapters}, "prompts": profile.prompts, "seeds": profile.seeds,
         "steps": profile.sample_steps, "cfg": profile.guidance_scale,
     })
 
@@ -279,11 +281,12 @@ class Study:
         pipe = load_pipeline(self.model)
         load_adapters(pipe, files)
         probe = self._probe()
+        hashes = {k: file_hash(f) for k, f in files.items()}
         rows = []
         unique: dict[str, tuple[str, str]] = {}
         for grid, cells in self.cells().items():
             for label, adapters in cells.items():
-                key = cell_key(p, self.model_fingerprint, adapters, files)
+                key = cell_key(p, self.model_fingerprint, adapters, hashes)
                 folder = self.out / "cells" / key
                 if not (folder / "scores.json").exists():
                     set_block_weights(pipe, adapters)
@@ -461,10 +464,11 @@ def run_sweep(study: Study, log=print) -> Path:
             train(config, pipe=load_pipeline(study.model))
     pipe = load_pipeline(study.model)
     probe = study._probe()
+    hashes = {k: file_hash(f) for k, f in files.items()}
     rows = []
     for key in keys[1:]:
         adapters = {identity_key: 1.0, key: 1.0}
-        cell = cell_key(sweep_profile, study.model_fingerprint, adapters, files)
+        cell = cell_key(sweep_profile, study.model_fingerprint, adapters, hashes)
         folder = study.out / "cells" / cell
         if not (folder / "scores.json").exists():
             load_adapters(pipe, {k: files[k] for k in adapters})

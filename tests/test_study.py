@@ -91,7 +91,7 @@ def test_changed_captions_mean_a_new_run(tmp_path):
 def test_retrained_base_model_under_the_same_path_means_new_runs_and_cells(tmp_path, tiny_dir):
     from safetensors.torch import load_file, save_file
 
-    from bwl.study import cell_key
+    from bwl.study import cell_key, file_hash
 
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
@@ -99,14 +99,14 @@ def test_retrained_base_model_under_the_same_path_means_new_runs_and_cells(tmp_p
     study.prepare_data()
     adapter = tmp_path / "adapter.safetensors"
     adapter.write_bytes(b"stand-in adapter bytes")
-    before = study.train_config("id_locon_all").output_dir, cell_key(study.profile, study.model_fingerprint, {"a": 1.0}, {"a": adapter})
+    before = study.train_config("id_locon_all").output_dir, cell_key(study.profile, study.model_fingerprint, {"a": 1.0}, {"a": file_hash(adapter)})
     weights = next((model / "unet").glob("*.safetensors"))
     tensors = load_file(weights)
     first = sorted(tensors)[0]
     tensors[first] = tensors[first] + 1
     save_file(tensors, weights)
     retrained = smoke(tmp_path, model=str(model), build_tiny=False)
-    after = retrained.train_config("id_locon_all").output_dir, cell_key(retrained.profile, retrained.model_fingerprint, {"a": 1.0}, {"a": adapter})
+    after = retrained.train_config("id_locon_all").output_dir, cell_key(retrained.profile, retrained.model_fingerprint, {"a": 1.0}, {"a": file_hash(adapter)})
     assert after[0] != before[0] and after[1] != before[1]
 
 
