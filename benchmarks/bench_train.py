@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakMemory, load_model, peak_tflops, size, time_steps, write_dataset, write_table
+from common import RESULTS, PeakMemory, load_model, peak_tflops, size, time_steps, write_dataset, write_table
 from reference import ReferenceStep
 
 from bwl.train import TrainConfig, TrainingRun
@@ -36,7 +36,7 @@ class Row:
     device: str
     precision: str = "no"
     checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # TorchInductor; with CUDA graphs (mode reduce-overhead) on GPU
     steps: int = 10
     rounds: int = 3
     warmup: int = 2
@@ -50,41 +50,52 @@ CPU_ROWS = [
 GPU_ROWS = [
     Row("full-size 512px b2 bf16", "full", 512, 2, "cuda", "bf16", steps=20),
     Row("full-size 512px b2 fp16 + checkpointing (T4 settings)", "full", 512, 2, "cuda", "fp16", checkpointing=True, steps=20),
+    Row("full-size 512px b2 bf16 + compile (CUDA graphs)", "full", 512, 2, "cuda", "bf16", compile=True, steps=20, warmup=3),
     Row("full-size 512px b8 bf16", "full", 512, 8, "cuda", "bf16", steps=10),
-    Row("full-size 512px b8 bf16 + compile", "full", 512, 8, "cuda", "bf16", compile=True, steps=10, warmup=3),
+    Row("full-size 512px b16 bf16 + compile (CUDA graphs)", "full", 512, 16, "cuda", "bf16", compile=True, steps=10, warmup=3),
 ]
 
 
-def prepare(row: Row, workdir: Path) -> TrainingRun:
+def prepare(row: Row, workdir: Path, **overrides) -> TrainingRun:
     device = torch.device(row.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(row.precision, torch.float32)
     config = TrainConfig(
         output_dir=str(workdir / "run"), model=row.model, instance_dir=str(write_dataset(workdir / f"data-{row.resolution}", row.resolution)),
         trigger="sks", repeats=1, method="lora", blocks="all", rank=4, resolution=row.resolution, batch_size=row.batch_size,
         steps=10_000, mixed_precision=row.precision, gradient_checkpointing=row.checkpointing, compile_unet=row.compile,
+        compile_mode="reduce-overhead" if row.compile and row.device == "cuda" else "default", **overrides,
     )
     return TrainingRun(config, load_model(row.model, device, dtype))
 
 
 def model_flops(run: TrainingRun) -> float:
-    """FLOPs of one bwl step (forward and backward, no recomputation), counted by torch's flop counter."""
-    with FlopCounterMode(display=False) as counter:
-        run.step(0)
+    """FLOPs of one bwl step (forward and backward, no recomputation) through the uncompiled U-Net, counted by
+    torch's flop counter."""
+    compiled, run.forward_unet = run.forward_unet, run.unet
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run.step(0)
+    finally:
+        run.forward_unet = compiled
     return float(counter.get_total_flops())
 
 
 def bench(row: Row, flops_cache: dict) -> dict:
+    torch._dynamo.reset()  # each compiled setting starts from its own static shapes
     with tempfile.TemporaryDirectory() as tmp:
         run = prepare(row, Path(tmp))
         reference = ReferenceStep(run)
         device = run.device
-        for i in range(row.warmup):
-            run.step(i)
-            reference(i)
+        warmup_peaks = []  # on GPU the peaks include warm-up: CUDA graphs take their memory pool while being recorded
+        for step in (run.step, reference):
+            with PeakMemory(device) as memory:
+                for i in range(row.warmup):
+                    step(i)
+            warmup_peaks.append(memory.peak if device.type == "cuda" else 0)
         key = (row.model, row.resolution, row.batch_size)
-        if key not in flops_cache and not row.compile and not row.checkpointing:
+        if key not in flops_cache and not row.checkpointing:
             flops_cache[key] = model_flops(run)
-        fast, slow, fast_peak, slow_peak = [], [], 0, 0
+        fast, slow, (fast_peak, slow_peak) = [], [], warmup_peaks
         for r in range(row.rounds):
             with PeakMemory(device) as memory:
                 fast.append(time_steps(run.step, 100 + r * row.steps, row.steps, device))
@@ -107,9 +118,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["tiny", "full"], help="run only the rows of this model")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="run only the rows of this device")
+    parser.add_argument("--setting", help="run only the rows whose setting contains this text")
     args = parser.parse_args()
     rows = CPU_ROWS + (GPU_ROWS if torch.cuda.is_available() else [])
-    rows = [r for r in rows if args.only in (None, r.model) and args.device in (None, r.device)]
+    rows = [r for r in rows if args.only in (None, r.model) and args.device in (None, r.device)
+            and (args.setting or "") in r.name]
+    command = "python benchmarks/bench_train.py" + "".join(f" --{k} {v!r}" if k == "setting" else f" --{k} {v}" for k, v in vars(args).items() if v)
     results, flops_cache = [], {}
     for row in rows:
         try:
@@ -121,12 +135,9 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         print(" | ".join(f"{k}: {v}" for k, v in results[-1].items()), flush=True)
-    for device in ("cpu", "cuda"):
-        chosen = [res for res, row in zip(results, rows) if row.device == device]
-        if chosen:
-            csv_path, md_path = write_table(f"train-{device}", chosen, "python benchmarks/bench_train.py" + "".join(
-                f" --{k} {v}" for k, v in vars(args).items() if v))
-            print(f"wrote {csv_path} and {md_path}")
+        chosen = [res for res, done in zip(results, rows) if done.device == row.device]
+        write_table(f"train-{row.device}", chosen, command)  # after every row: a cut-off run keeps its rows
+    print(f"wrote {RESULTS}/train-*.csv and .md")
     if not torch.cuda.is_available():
         print("GPU rows: not measured (no CUDA device)")
 

@@ -30,7 +30,7 @@ from diffusers.optimization import get_scheduler
 from peft.utils import set_peft_model_state_dict
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, autocast_norms
 from .adapter_file import adapter_state_dict, save_adapter
 from .adapters import AdapterSpec, add_adapter, adapted_modules
 from .atomic import atomic_path, write_json
@@ -88,6 +88,8 @@ class TrainConfig:
     channels_last: bool | None = None  # None: on for CUDA, off on CPU (where it is slower)
     compile_unet: bool = False
     compile_backend: str = "inductor"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    norms_in_compute_dtype: bool = True  # under mixed precision, GroupNorm/LayerNorm in bf16/fp16 (autocast_norms)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     fixed_timestep: int | None = None
     checkpoint_every: int = 500
@@ -99,7 +101,8 @@ class TrainConfig:
     stop_after: int | None = None
 
     def __post_init__(self) -> None:
-        choices = {"optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16")}
+        choices = {"optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16"),
+                   "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {', '.join(valid)}")
@@ -260,6 +263,8 @@ class TrainingRun:
         if self.weight_dtype != torch.float32:  # autocast picks the dtypes; peft's casts of every input to fp32 only copy
             for module in adapted_modules(unet, ADAPTER).values():
                 module.cast_input_dtype_enabled = False
+        if config.norms_in_compute_dtype:
+            autocast_norms.install(unet)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
@@ -279,7 +284,7 @@ class TrainingRun:
         self.unet = unet
         self.forward_unet = self.accelerator.prepare(unet)
         if config.compile_unet:
-            self.forward_unet = torch.compile(self.forward_unet, backend=config.compile_backend)
+            self.forward_unet = torch.compile(self.forward_unet, backend=config.compile_backend, mode=config.compile_mode)
         self.optimizer = self.accelerator.prepare(self.optimizer)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
@@ -311,10 +316,13 @@ class TrainingRun:
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns the loss as a device tensor (reading it is the caller's sync)."""
         latents, text, weights, generator = self.batch(step)
-        with self.accelerator.autocast():
-            loss = denoising_loss(self.forward_unet, self.noise_scheduler, latents, text, generator,
-                                  self.config.fixed_timestep, weights)
-        self.accelerator.backward(loss)
+        if self.config.compile_unet and self.config.compile_mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are no longer read
+        with autocast_norms.norms_in_compute_dtype(self.config.norms_in_compute_dtype):  # checkpointing recomputes in backward
+            with self.accelerator.autocast():
+                loss = denoising_loss(self.forward_unet, self.noise_scheduler, latents, text, generator,
+                                      self.config.fixed_timestep, weights)
+            self.accelerator.backward(loss)
         if self.config.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         self.optimizer.step()

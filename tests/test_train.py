@@ -252,3 +252,41 @@ def test_optimizer_and_precision_choices_are_checked_when_configured():
         with pytest.raises(ImportError, match="optimizer='adamw8bit' needs bitsandbytes"):
             make_optimizer(params, TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
     assert make_optimizer(params, TrainConfig(), torch.device("cpu")).defaults["fused"]
+
+
+def test_norms_in_compute_dtype_round_only_and_only_inside_the_block():
+    from bwl.autocast_norms import install, norms_in_compute_dtype
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.Conv2d(16, 16, 1), torch.nn.LayerNorm(8))
+    x = torch.randn(2, 16, 8, 8)
+    model.requires_grad_(False)
+    reference = model(x)
+    assert install(model) == 2
+    assert torch.equal(model(x), reference)  # outside the block: the stock forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock = model(x)
+        with norms_in_compute_dtype():
+            fast = model(x)
+    assert fast.dtype == torch.bfloat16
+    assert float((fast.float() - reference).norm() / reference.norm()) < 2e-2
+    assert float((fast.float() - stock.float()).norm() / stock.float().norm()) < 2e-2
+
+
+def test_bf16_training_with_norms_in_compute_dtype_and_checkpointing(tmp_path, tiny_dir):
+    """Checkpointing recomputes the forward in backward: the norms must run there as they did in forward."""
+    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain"), steps=10, mixed_precision="bf16", norms_in_compute_dtype=False))
+    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "fast"), steps=10, mixed_precision="bf16", gradient_checkpointing=True))
+    assert losses(tmp_path / "fast") == pytest.approx(losses(tmp_path / "plain"), rel=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 autocast norms and CUDA graphs are CUDA paths")
+@pytest.mark.parametrize("option", [
+    {"norms_in_compute_dtype": False},
+    {"compile_unet": True, "compile_mode": "reduce-overhead"},
+    {"gradient_checkpointing": True},
+])
+def test_cuda_fast_path_options_do_not_change_the_loss_curve(tmp_path, tiny_dir, option):
+    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain"), mixed_precision="bf16"))
+    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "fast"), mixed_precision="bf16", **option))
+    assert losses(tmp_path / "fast") == pytest.approx(losses(tmp_path / "plain"), rel=3e-2)
