@@ -3,8 +3,9 @@ batch and resolution. Prints steps/s, peak memory, their ratio and (on GPU) mode
 
     python benchmarks/bench_train.py            # CPU rows always; GPU rows too where CUDA is available
     python benchmarks/bench_train.py --only tiny    # or --device cuda: the GPU rows alone
+    python benchmarks/bench_train.py --setting b16  # the rows whose setting names "b16"
 
-Writes benchmarks/results/train-<cpu|cuda>.csv and .md.
+Writes benchmarks/results/train-<cpu|cuda>.csv and .md after every row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations

@@ -345,7 +345,8 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     elif (out / "adapter.safetensors").exists() or existing:
         raise FileExistsError(f"{out}: already holds a run; pass resume=True to continue it or choose a new output_dir")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"bwl_version": __version__, "train": config.to_dict(), "adapter": run.spec.to_dict()})
+    write_json(out / "config.json", {"bwl_version": __version__, "train": config.to_dict(), "adapter": run.spec.to_dict(),
+                                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()})  # CPU sums depend on both
     log = LossLog(out, start)
 
     end = min(config.steps, config.stop_after or config.steps)

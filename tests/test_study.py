@@ -183,3 +183,26 @@ def test_findings_decide_claims_by_non_overlapping_intervals():
     assert compare(rows, "fig4a", "upper ID + full style", "full ID + upper style").verdict == "loses"
     with pytest.raises(KeyError, match="fig2"):
         findings_markdown(rows)
+
+
+def test_adapters_trained_in_worker_processes_equal_ones_trained_here(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from bwl.study import train_one
+
+    study = smoke(tmp_path, train_workers=2)
+    study.prepare_data()
+    logs = []
+    files = study.train_all(log=logs.append)
+    assert sum("trained" in line for line in logs) == 5 and all(f.exists() for f in files.values())
+    config = study.train_config("style_locon_upper")
+    config.output_dir = str(tmp_path / "here")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' count: same threads, same sums, same bits
+    try:
+        here = load_file(train_one(config))
+    finally:
+        torch.set_num_threads(threads)
+    there = load_file(files["style_locon_upper"])
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
