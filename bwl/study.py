@@ -12,8 +12,10 @@ import hashlib
 import io
 import json
 import multiprocessing
+import queue
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,11 +155,44 @@ def train_one(config) -> Path:
     return train(config, pipe=load_pipeline(config.model))
 
 
+class _QueuedLines(io.TextIOBase):
+    """A worker process's stdout: each whole line goes to the parent through a queue, prefixed with the adapter."""
+
+    def __init__(self, lines, prefix: str):
+        self.lines, self.prefix, self.partial = lines, prefix, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *whole, self.partial = (self.partial + text).split("\n")
+        for line in whole:
+            self.lines.put(f"{self.prefix}{line}")
+        return len(text)
+
+
+_worker_lines = None
+
+
+def _start_worker(threads: int, lines) -> None:
+    import torch
+
+    global _worker_lines
+    torch.set_num_threads(threads)
+    _worker_lines = lines
+
+
+def _train_in_worker(key: str, config) -> Path:
+    sys.stdout = _QueuedLines(_worker_lines, f"{key}: ")
+    return train_one(config)
+
+
 def train_adapters(configs: dict[str, object], workers: int = 1, log=print) -> None:
     """Train these adapters: one after another, or ``workers`` at a time in spawned processes on CPU.
 
     Small models use two CPU threads poorly, so two one-thread processes train about 1.6x as many steps a second
-    as one two-thread process (toy profile). Each process's step lines go to its own stdout.
+    as one two-thread process (toy profile). The workers' step lines come back through a queue to ``log``, each
+    prefixed with its adapter, so they are written once, by this process.
     """
     import torch
 
@@ -170,12 +205,29 @@ def train_adapters(configs: dict[str, object], workers: int = 1, log=print) -> N
     threads = max(1, torch.get_num_threads() // workers)
     log(f"training {total} adapters, {workers} at a time ({threads} thread(s) each)")
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        started = time.time()
-        futures = {pool.submit(train_one, config): key for key, config in configs.items()}
-        for done, future in enumerate(as_completed(futures), 1):
-            future.result()
-            log(f"[{done}/{total}] {futures[future]}: trained ({time.time() - started:.0f} s since start)")
+    lines = context.Queue()
+
+    def relay() -> None:
+        while True:
+            try:
+                log(lines.get_nowait())
+            except queue.Empty:
+                return
+
+    started, done = time.time(), 0
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads, lines)) as pool:
+        running = {pool.submit(_train_in_worker, key, config): key for key, config in configs.items()}
+        while running:
+            finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            relay()
+            for future in finished:
+                if future.exception() is not None:
+                    for waiting in running:
+                        waiting.cancel()
+                    raise future.exception()
+                done += 1
+                log(f"[{done}/{total}] {running.pop(future)}: trained ({time.time() - started:.0f} s since start)")
+    relay()
 
 
 def cell_key(profile: Profile, model_fingerprint: str, adapters: dict[str, object], adapter_hashes: dict[str, str]) -> str:

@@ -196,6 +196,8 @@ def test_adapters_trained_in_worker_processes_equal_ones_trained_here(tmp_path):
     logs = []
     files = study.train_all(log=logs.append)
     assert sum("trained" in line for line in logs) == 5 and all(f.exists() for f in files.values())
+    steps = study.train_config("style_locon_upper").steps
+    assert f"style_locon_upper: step {steps}/{steps} loss" in "\n".join(logs)  # workers' lines, relayed once
     config = study.train_config("style_locon_upper")
     config.output_dir = str(tmp_path / "here")
     threads = torch.get_num_threads()
