@@ -5,7 +5,8 @@ batch and resolution. Prints steps/s, peak memory, their ratio and (on GPU) mode
     python benchmarks/bench_train.py --only tiny    # or --device cuda: the GPU rows alone
     python benchmarks/bench_train.py --setting b16  # the rows whose setting names "b16"
 
-Writes benchmarks/results/train-<cpu|cuda>.csv and .md after every row, so a run cut short keeps what it measured.
+Writes benchmarks/results/train-<cpu|cuda>.csv and .md after every row, so a run cut short keeps what it measured
+(train-<cpu|cuda>-selected.* when --only or --setting picked a subset).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, PeakMemory, load_model, peak_tflops, size, time_steps, write_dataset, write_table
 from reference import ReferenceStep
 
+from bwl import cpu_convolutions
 from bwl.train import TrainConfig, TrainingRun
 
 
@@ -38,6 +41,7 @@ class Row:
     precision: str = "no"
     checkpointing: bool = False
     compile: bool = False  # TorchInductor; with CUDA graphs (mode reduce-overhead) on GPU
+    reference_convolutions: str | None = None  # CPU: run the reference with these kernels too (bwl.cpu_convolutions)
     steps: int = 10
     rounds: int = 3
     warmup: int = 2
@@ -46,6 +50,8 @@ class Row:
 CPU_ROWS = [
     Row("tiny 64px b2", "tiny", 64, 2, "cpu", steps=40, rounds=5, warmup=5),
     Row("tiny 64px b2 + compile", "tiny", 64, 2, "cpu", compile=True, steps=40, rounds=5, warmup=5),
+    Row("tiny 64px b2, reference on native convolutions too", "tiny", 64, 2, "cpu", steps=40, rounds=5, warmup=5,
+        reference_convolutions="native"),
     Row("full-size 256px (32x32 latent) b1", "full", 256, 1, "cpu", steps=2, rounds=2, warmup=1),
 ]
 GPU_ROWS = [
@@ -69,6 +75,13 @@ def prepare(row: Row, workdir: Path, **overrides) -> TrainingRun:
     return TrainingRun(config, load_model(row.model, device, dtype))
 
 
+def with_kernels(step: Callable[[int], object], choice: str) -> Callable[[int], object]:
+    def step_with_kernels(i: int) -> object:
+        with cpu_convolutions.kernels(choice):
+            return step(i)
+    return step_with_kernels
+
+
 def model_flops(run: TrainingRun) -> float:
     """FLOPs of one bwl step (forward and backward, no recomputation) through the uncompiled U-Net, counted by
     torch's flop counter."""
@@ -86,6 +99,8 @@ def bench(row: Row, flops_cache: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = prepare(row, Path(tmp))
         reference = ReferenceStep(run)
+        if row.reference_convolutions:
+            reference = with_kernels(reference, row.reference_convolutions)
         device = run.device
         warmup_peaks = []  # on GPU the peaks include warm-up: CUDA graphs take their memory pool while being recorded
         for step in (run.step, reference):
@@ -137,7 +152,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
         print(" | ".join(f"{k}: {v}" for k, v in results[-1].items()), flush=True)
         chosen = [res for res, done in zip(results, rows) if done.device == row.device]
-        write_table(f"train-{row.device}", chosen, command)  # after every row: a cut-off run keeps its rows
+        name = f"train-{row.device}" + ("-selected" if args.only or args.setting else "")  # a subset never replaces the full table
+        write_table(name, chosen, command)  # after every row: a cut-off run keeps its rows
     print(f"wrote {RESULTS}/train-*.csv and .md")
     if not torch.cuda.is_available():
         print("GPU rows: not measured (no CUDA device)")

@@ -16,6 +16,8 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,7 +32,7 @@ from diffusers.optimization import get_scheduler
 from peft.utils import set_peft_model_state_dict
 from tqdm import tqdm
 
-from . import __version__, autocast_norms
+from . import __version__, autocast_norms, cpu_convolutions
 from .adapter_file import adapter_state_dict, save_adapter
 from .adapters import AdapterSpec, add_adapter, adapted_modules
 from .atomic import atomic_path, write_json
@@ -90,6 +92,7 @@ class TrainConfig:
     compile_backend: str = "inductor"
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     norms_in_compute_dtype: bool = True  # under mixed precision, GroupNorm/LayerNorm in bf16/fp16 (autocast_norms)
+    cpu_convolutions: Literal["auto", "onednn", "native"] = "auto"  # auto: native kernels for tiny convs (cpu_convolutions)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     fixed_timestep: int | None = None
     checkpoint_every: int = 500
@@ -102,7 +105,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+                   "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   "cpu_convolutions": cpu_convolutions.CHOICES}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {', '.join(valid)}")
@@ -286,6 +290,10 @@ class TrainingRun:
         if config.compile_unet:
             self.forward_unet = torch.compile(self.forward_unet, backend=config.compile_backend, mode=config.compile_mode)
         self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.cpu_convolutions = None  # on CPU: "onednn" or "native", chosen once for the training shape
+        if device.type == "cpu":
+            latents, text, _, _ = self.batch(0)
+            self.cpu_convolutions = cpu_convolutions.choose(config.cpu_convolutions, unet, latents, text)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
         """Latents, text embeddings and loss weights of ``step``, plus the generator for its noise and timesteps.
@@ -313,12 +321,22 @@ class TrainingRun:
         text = self.text_cache(captions_for(self.data, indices, config, rng)).to(device, self.weight_dtype)
         return latents, text, to_device(self.reg_weight[index], device), on_device
 
+    @contextmanager
+    def kernels(self) -> Iterator[None]:
+        """The step's kernel choices: norms in the compute dtype, and on CPU the convolution kernels."""
+        with autocast_norms.norms_in_compute_dtype(self.config.norms_in_compute_dtype):
+            if self.cpu_convolutions is None:
+                yield
+            else:
+                with cpu_convolutions.kernels(self.cpu_convolutions):
+                    yield
+
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns the loss as a device tensor (reading it is the caller's sync)."""
         latents, text, weights, generator = self.batch(step)
         if self.config.compile_unet and self.config.compile_mode in ("reduce-overhead", "max-autotune"):
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are no longer read
-        with autocast_norms.norms_in_compute_dtype(self.config.norms_in_compute_dtype):  # checkpointing recomputes in backward
+        with self.kernels():  # forward and backward: checkpointing recomputes in backward
             with self.accelerator.autocast():
                 loss = denoising_loss(self.forward_unet, self.noise_scheduler, latents, text, generator,
                                       self.config.fixed_timestep, weights)
@@ -346,7 +364,8 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
         raise FileExistsError(f"{out}: already holds a run; pass resume=True to continue it or choose a new output_dir")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"bwl_version": __version__, "train": config.to_dict(), "adapter": run.spec.to_dict(),
-                                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()})  # CPU sums depend on both
+                                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),  # CPU sums depend on these
+                                     "cpu_convolutions": run.cpu_convolutions})
     log = LossLog(out, start)
 
     end = min(config.steps, config.stop_after or config.steps)

@@ -1,4 +1,5 @@
 import csv
+import json
 import shutil
 
 import pytest
@@ -204,8 +205,9 @@ def first_step(cfg: TrainConfig) -> tuple[float, dict[str, torch.Tensor]]:
 
     run = TrainingRun(cfg)
     latents, text, weights, generator = run.batch(0)
-    loss = denoising_loss(run.forward_unet, run.noise_scheduler, latents, text, generator, None, weights)
-    loss.backward()
+    with run.kernels():
+        loss = denoising_loss(run.forward_unet, run.noise_scheduler, latents, text, generator, None, weights)
+        loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in run.unet.named_parameters() if p.requires_grad}
 
 
@@ -214,6 +216,9 @@ def first_step(cfg: TrainConfig) -> tuple[float, dict[str, torch.Tensor]]:
     # oneDNN's channels-last convolutions sum in another order: 1.5e-3 measured, below bf16's 4e-3 step used on GPU
     ({"channels_last": True}, 5e-3),
     ({"compile_unet": True, "compile_backend": "aot_eager"}, 1e-4),  # the compile path (dynamo + AOT autograd)
+    # the tiny model's default is "native" (auto). This random U-Net amplifies rounding: against a float64 run its fp32
+    # output is off by 7.6e-6 (oneDNN) or 2.4e-5 (native) and its gradients by 6.6e-4 or 3.2e-3; 3.9e-3 apart measured
+    ({"cpu_convolutions": "onednn"}, 5e-3),
 ])
 def test_fast_path_options_do_not_change_results(tmp_path, tiny_dir, option, tolerance):
     plain_loss, plain_grads = first_step(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain")))
@@ -290,3 +295,27 @@ def test_cuda_fast_path_options_do_not_change_the_loss_curve(tmp_path, tiny_dir,
     train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain"), mixed_precision="bf16"))
     train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "fast"), mixed_precision="bf16", **option))
     assert losses(tmp_path / "fast") == pytest.approx(losses(tmp_path / "plain"), rel=3e-2)
+
+
+def test_cpu_convolutions_native_only_for_tiny_convolutions(tmp_path, tiny_dir):
+    from bwl import cpu_convolutions
+    from bwl.study import ROOT
+    from bwl.train import TrainingRun
+
+    tiny = TrainingRun(config(tmp_path, tiny_dir))
+    latents, text, _, _ = tiny.batch(0)
+    assert cpu_convolutions.mean_conv_work(tiny.unet, latents, text) < 1e6  # 8x8 latents, 32-64 channels
+    assert tiny.cpu_convolutions == "native"
+    assert TrainingRun(config(tmp_path, tiny_dir, cpu_convolutions="onednn")).cpu_convolutions == "onednn"
+    toy = TrainingRun(config(tmp_path, tiny_dir, model=str(ROOT / "data" / "toy-sd"), resolution=32, batch_size=8))
+    assert toy.cpu_convolutions == "onednn"  # 16x16 latents, 48-96 channels: ~5-8 M multiply-accumulates a call
+
+    before = torch.backends.mkldnn.enabled
+    with tiny.kernels():
+        assert torch.backends.mkldnn.enabled is False
+    assert torch.backends.mkldnn.enabled == before  # only inside the step
+    with pytest.raises(ValueError, match="cpu_convolutions='mkl' is not one of auto, onednn, native"):
+        TrainConfig(cpu_convolutions="mkl")
+
+    train(config(tmp_path, tiny_dir, steps=2))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cpu_convolutions"] == "native"
