@@ -291,8 +291,10 @@ class TrainingRun:
             self.forward_unet = torch.compile(self.forward_unet, backend=config.compile_backend, mode=config.compile_mode)
         self.optimizer = self.accelerator.prepare(self.optimizer)
         self.cpu_convolutions = None  # on CPU: "onednn" or "native", chosen once for the training shape
-        if device.type == "cpu":
-            latents, text, _, _ = self.batch(0)
+        if device.type == "cpu":  # zeros of the training shape: the choice needs shapes, not an encoded batch
+            side = config.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+            latents = torch.zeros(config.batch_size, unet.config.in_channels, side, side)
+            text = torch.zeros(config.batch_size, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)
             self.cpu_convolutions = cpu_convolutions.choose(config.cpu_convolutions, unet, latents, text)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
