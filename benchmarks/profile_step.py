@@ -21,6 +21,7 @@ from bench_train import Row, model_flops, prepare
 from common import PeakMemory, peak_tflops, size, time_steps
 
 BEFORE = {"norms_in_compute_dtype": False}
+RUN_ATTRIBUTES = ("keep_transformer_layout",)  # set on the TrainingRun, not its TrainConfig
 VARIANTS = [
     # (name, row, TrainConfig overrides)
     ("b2 eager, norms fp32", Row("", "full", 512, 2, "cuda", "bf16", steps=20), BEFORE),
@@ -28,6 +29,7 @@ VARIANTS = [
     ("b2 fp16 checkpointing (T4)", Row("", "full", 512, 2, "cuda", "fp16", checkpointing=True, steps=20), {}),
     ("b8 eager, norms fp32", Row("", "full", 512, 8, "cuda", "bf16"), BEFORE),
     ("b8 eager, norms bf16", Row("", "full", 512, 8, "cuda", "bf16"), {}),
+    ("b8 eager, transformer outputs copied to NCHW", Row("", "full", 512, 8, "cuda", "bf16"), {"keep_transformer_layout": False}),
     ("b8 compile", Row("", "full", 512, 8, "cuda", "bf16", compile=True, warmup=3), {}),
     ("b2 compile reduce-overhead", Row("", "full", 512, 2, "cuda", "bf16", compile=True, warmup=3, steps=20), {"compile_mode": "reduce-overhead"}),
     ("b8 compile reduce-overhead", Row("", "full", 512, 8, "cuda", "bf16", compile=True, warmup=3), {"compile_mode": "reduce-overhead"}),
@@ -39,7 +41,10 @@ VARIANTS = [
 def measure(name: str, row: Row, overrides: dict, trace: bool, flops_cache: dict) -> dict:
     torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as tmp:
-        run = prepare(row, Path(tmp), **overrides)
+        run = prepare(row, Path(tmp), **{k: v for k, v in overrides.items() if k not in RUN_ATTRIBUTES})
+        for attribute, value in overrides.items():
+            if attribute in RUN_ATTRIBUTES:
+                setattr(run, attribute, value)
         for i in range(row.warmup):
             run.step(i)
         key = (row.model, row.resolution, row.batch_size)

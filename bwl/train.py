@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,7 +32,7 @@ from diffusers.optimization import get_scheduler
 from peft.utils import set_peft_model_state_dict
 from tqdm import tqdm
 
-from . import __version__, autocast_norms, cpu_convolutions
+from . import __version__, autocast_norms, channels_last, cpu_convolutions
 from .adapter_file import adapter_state_dict, save_adapter
 from .adapters import AdapterSpec, add_adapter, adapted_modules
 from .atomic import atomic_path, write_json
@@ -274,6 +274,8 @@ class TrainingRun:
         self.channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
         if self.channels_last:
             unet.to(memory_format=torch.channels_last)
+            channels_last.install(unet)
+        self.keep_transformer_layout = self.channels_last  # channels_last transformer outputs (an attribute for ablations)
         unet.train()
 
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -325,13 +327,14 @@ class TrainingRun:
 
     @contextmanager
     def kernels(self) -> Iterator[None]:
-        """The step's kernel choices: norms in the compute dtype, and on CPU the convolution kernels."""
-        with autocast_norms.norms_in_compute_dtype(self.config.norms_in_compute_dtype):
-            if self.cpu_convolutions is None:
-                yield
-            else:
-                with cpu_convolutions.kernels(self.cpu_convolutions):
-                    yield
+        """The step's kernel choices: norms in the compute dtype, transformer outputs kept channels_last, and on CPU
+        the convolution kernels."""
+        with ExitStack() as stack:
+            stack.enter_context(autocast_norms.norms_in_compute_dtype(self.config.norms_in_compute_dtype))
+            stack.enter_context(channels_last.keep_layout(self.keep_transformer_layout))
+            if self.cpu_convolutions is not None:
+                stack.enter_context(cpu_convolutions.kernels(self.cpu_convolutions))
+            yield
 
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns the loss as a device tensor (reading it is the caller's sync)."""

@@ -319,3 +319,40 @@ def test_cpu_convolutions_native_only_for_tiny_convolutions(tmp_path, tiny_dir):
 
     train(config(tmp_path, tiny_dir, steps=2))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["cpu_convolutions"] == "native"
+
+
+def test_channels_last_transformers_hand_back_their_output_without_the_nchw_copy(pipe):
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bwl import channels_last
+
+    class CountClones(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.clones = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.clones += func is torch.ops.aten.clone.default
+            return func(*args, **(kwargs or {}))
+
+    unet = pipe.unet.to(memory_format=torch.channels_last).requires_grad_(False)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    timesteps, text = torch.tensor([10, 500]), torch.randn(2, 77, unet.config.cross_attention_dim)
+
+    def forward_and_backward() -> tuple[torch.Tensor, int]:
+        sample = x.clone().requires_grad_()
+        with CountClones() as counter:
+            out = unet(sample, timesteps, text).sample
+            out.square().sum().backward()
+        return out.detach(), counter.clones
+
+    stock, stock_clones = forward_and_backward()
+    assert channels_last.install(unet) == Counter(type(m).__name__ for m in unet.modules())["ChannelsLastTransformer2DModel"] > 0
+    assert forward_and_backward()[1] == stock_clones > 0  # outside the block: diffusers' own output, copies and all
+    with channels_last.keep_layout():
+        kept, kept_clones = forward_and_backward()
+    assert kept_clones == 0
+    assert torch.allclose(kept, stock, rtol=1e-5, atol=1e-6)
