@@ -66,13 +66,13 @@ GPU_ROWS = [
 def prepare(row: Row, workdir: Path, **overrides) -> TrainingRun:
     device = torch.device(row.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(row.precision, torch.float32)
-    config = TrainConfig(
+    values = dict(
         output_dir=str(workdir / "run"), model=row.model, instance_dir=str(write_dataset(workdir / f"data-{row.resolution}", row.resolution)),
         trigger="sks", repeats=1, method="lora", blocks="all", rank=4, resolution=row.resolution, batch_size=row.batch_size,
         steps=10_000, mixed_precision=row.precision, gradient_checkpointing=row.checkpointing, compile_unet=row.compile,
-        compile_mode="reduce-overhead" if row.compile and row.device == "cuda" else "default", **overrides,
+        compile_mode="reduce-overhead" if row.compile and row.device == "cuda" else "default",
     )
-    return TrainingRun(config, load_model(row.model, device, dtype))
+    return TrainingRun(TrainConfig(**{**values, **overrides}), load_model(row.model, device, dtype))
 
 
 def with_kernels(step: Callable[[int], object], choice: str) -> Callable[[int], object]:

@@ -30,10 +30,10 @@ VARIANTS = [
     ("b8 eager, norms fp32", Row("", "full", 512, 8, "cuda", "bf16"), BEFORE),
     ("b8 eager, norms bf16", Row("", "full", 512, 8, "cuda", "bf16"), {}),
     ("b8 eager, transformer outputs copied to NCHW", Row("", "full", 512, 8, "cuda", "bf16"), {"keep_transformer_layout": False}),
-    ("b8 compile", Row("", "full", 512, 8, "cuda", "bf16", compile=True, warmup=3), {}),
+    ("b8 compile", Row("", "full", 512, 8, "cuda", "bf16", compile=True, warmup=3), {"compile_mode": "default"}),
     ("b2 compile reduce-overhead", Row("", "full", 512, 2, "cuda", "bf16", compile=True, warmup=3, steps=20), {"compile_mode": "reduce-overhead"}),
     ("b8 compile reduce-overhead", Row("", "full", 512, 8, "cuda", "bf16", compile=True, warmup=3), {"compile_mode": "reduce-overhead"}),
-    ("b32 compile", Row("", "full", 512, 32, "cuda", "bf16", compile=True, warmup=3, steps=5), {}),
+    ("b32 compile", Row("", "full", 512, 32, "cuda", "bf16", compile=True, warmup=3, steps=5), {"compile_mode": "default"}),
     ("tiny b2 eager", Row("", "tiny", 64, 2, "cpu", steps=40, rounds=5, warmup=5), {}),
 ]
 

@@ -6,34 +6,22 @@ and the next convolution casts it back down. That is a large share of an eager m
 traffic and kernel launches. The native bf16/fp16 kernels already accumulate their statistics in float32, so
 running the norm in the compute dtype changes results by rounding only.
 
-:func:`install` swaps the classes of a model's norms once; they behave as before unless a step runs inside
-:func:`norms_in_compute_dtype`, so a model shared with another loop (the benchmarks' reference) is unchanged there.
+:func:`install` swaps the classes of a model's norms once (:mod:`bwl.module_swaps`); they behave as before
+unless a step runs inside the ``norms_in_compute_dtype`` switch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
-_enabled = False
+from .module_swaps import Switch, swap_classes
 
-
-@contextmanager
-def norms_in_compute_dtype(enabled: bool = True) -> Iterator[None]:
-    """Within this block, installed norms under autocast run in autocast's dtype instead of float32."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+norms_in_compute_dtype = Switch()  # within ``with norms_in_compute_dtype():`` installed norms run in autocast's dtype
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
-    if not _enabled or not torch.is_autocast_enabled(x.device.type):
+    if not norms_in_compute_dtype.on or not torch.is_autocast_enabled(x.device.type):
         return None
     return torch.get_autocast_dtype(x.device.type)
 
@@ -44,7 +32,8 @@ class ComputeDtypeGroupNorm(torch.nn.GroupNorm):
         if dtype is None:
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x.to(dtype), self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype), self.eps)
+            weight, bias = _cast(self.weight, dtype), _cast(self.bias, dtype)
+            return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps)
 
 
 class ComputeDtypeLayerNorm(torch.nn.LayerNorm):
@@ -53,7 +42,8 @@ class ComputeDtypeLayerNorm(torch.nn.LayerNorm):
         if dtype is None:
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, _cast(self.weight, dtype), _cast(self.bias, dtype), self.eps)
+            weight, bias = _cast(self.weight, dtype), _cast(self.bias, dtype)
+            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
 
 
 def _cast(param: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -62,11 +52,4 @@ def _cast(param: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None
 
 def install(model: torch.nn.Module) -> int:
     """Give every GroupNorm and LayerNorm of ``model`` the switchable forward; returns how many were changed."""
-    swaps = {torch.nn.GroupNorm: ComputeDtypeGroupNorm, torch.nn.LayerNorm: ComputeDtypeLayerNorm}
-    changed = 0
-    for module in model.modules():
-        replacement = swaps.get(type(module))
-        if replacement is not None:
-            module.__class__ = replacement
-            changed += 1
-    return changed
+    return swap_classes(model, {torch.nn.GroupNorm: ComputeDtypeGroupNorm, torch.nn.LayerNorm: ComputeDtypeLayerNorm})

@@ -6,49 +6,33 @@ channels_last network that permuted view is already channels_last, and ``.contig
 which the next convolution then converts back (and backward copies the gradient the same way). On an H100 at
 batch 8 copies, mostly these, were 21 % of the eager step's GPU time.
 
-:func:`install` swaps the classes of a U-Net's Transformer2DModels once; inside :func:`keep_layout` they return
-the permuted view instead of the NCHW copy (same values, channels_last memory), outside it they behave as before,
-so a model shared with another loop (the benchmarks' reference) is unchanged there. Only the conv-projection
+:func:`install` swaps the classes of a U-Net's Transformer2DModels once (:mod:`bwl.module_swaps`); inside the
+``keep_layout`` switch they return the permuted view instead of the NCHW copy (same values, channels_last
+memory), outside it they behave as before. Only the conv-projection
 path (``use_linear_projection: false``, SD 1.x) is changed. Written against diffusers 0.42, whose private
 ``_get_output_for_continuous_inputs`` this overrides; pyproject pins diffusers to 0.42.x.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-_enabled = False
+from .module_swaps import Switch, swap_classes
 
-
-@contextmanager
-def keep_layout(enabled: bool = True) -> Iterator[None]:
-    """Within this block, installed transformer blocks hand their output back without the NCHW copy."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+keep_layout = Switch()  # within ``with keep_layout():`` installed transformer blocks skip the NCHW copy
 
 
 class ChannelsLastTransformer2DModel(Transformer2DModel):
     def _get_output_for_continuous_inputs(self, hidden_states: torch.Tensor, residual: torch.Tensor, batch_size: int,
                                           height: int, width: int, inner_dim: int) -> torch.Tensor:
-        if not _enabled or self.use_linear_projection:
-            return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width, inner_dim)
+        if not keep_layout.on or self.use_linear_projection:
+            return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width,
+                                                             inner_dim)
         image = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)  # a channels_last view
         return self.proj_out(image) + residual
 
 
 def install(unet: torch.nn.Module) -> int:
     """Give every Transformer2DModel of ``unet`` the switchable output; returns how many were changed."""
-    changed = 0
-    for module in unet.modules():
-        if type(module) is Transformer2DModel:
-            module.__class__ = ChannelsLastTransformer2DModel
-            changed += 1
-    return changed
+    return swap_classes(unet, {Transformer2DModel: ChannelsLastTransformer2DModel})

@@ -221,10 +221,11 @@ def train_adapters(configs: dict[str, object], workers: int = 1, log=print) -> N
             finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
             relay()
             for future in finished:
-                if future.exception() is not None:
+                error = future.exception()
+                if error is not None:
                     for waiting in running:
                         waiting.cancel()
-                    raise future.exception()
+                    raise error
                 done += 1
                 log(f"[{done}/{total}] {running.pop(future)}: trained ({time.time() - started:.0f} s since start)")
     relay()
