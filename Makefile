@@ -10,9 +10,9 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -qq "torch==$(TORCH)"
+	$(PY) -m pip install -qq -c constraints.txt -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -24,8 +24,10 @@ study: setup
 demo: setup
 	$(PY) -m bwl demo
 
-# Unit tests, then the notebooks against the outputs committed from an earlier smoke run (nbval, lax mode).
+# Lint, unit tests (tests/test_layers.py checks the layering), then the notebooks against the outputs committed from
+# an earlier smoke run (nbval, lax mode).
 test: setup
+	$(VENV)/bin/ruff check bwl tests benchmarks
 	$(PY) -m pytest -q tests
 	rm -rf runs/smoke
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/01_data_preparation.ipynb notebooks/02_training.ipynb notebooks/03_ablation_grids.ipynb notebooks/04_figures.ipynb

@@ -1,7 +1,7 @@
 """The efficiency table the paper claims but never measured: bwl's training step time, peak memory and trainable
 parameters for each block selection, LoRA and LoCon.
 
-    python benchmarks/bench_blocks.py                # tiny model on CPU; full-size 512 px b2 bf16 where CUDA is available
+    python benchmarks/bench_blocks.py                # tiny model on CPU; full-size 512 px b2 bf16 with CUDA
     python benchmarks/bench_blocks.py --model full   # full-size architecture (32x32 latent on CPU)
 
 Writes benchmarks/results/blocks-<cpu|cuda>.csv and .md (the README shows them).

@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_model, synchronize, write_table
 
-from bwl.adapter_file import save_adapter
-from bwl.adapters import AdapterSpec, add_adapter
-from bwl.compose import load_adapters, set_block_weights
-from bwl.generate import generate
+from bwl.adapters.compose import load_adapters, set_block_weights
+from bwl.adapters.files import save_adapter
+from bwl.adapters.spec import AdapterSpec, add_adapter
+from bwl.sd.generate import generate
 
 PROMPTS = ["sks, dog, red background", "sks, dog, blue background", "a photo of a cat", "qrv, painting, dog"]
 SETTINGS = {  # device -> (model, size, dtype, seeds, steps, batch)

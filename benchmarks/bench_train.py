@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, PeakMemory, load_model, peak_tflops, size, time_steps, write_dataset, write_table
 from reference import ReferenceStep
 
-from bwl import cpu_convolutions
 from bwl.train import TrainConfig, TrainingRun
+from bwl.train.fast import cpu_convolutions
 
 
 @dataclass
@@ -41,7 +41,9 @@ class Row:
     precision: str = "no"
     checkpointing: bool = False
     compile: bool = False  # TorchInductor; with CUDA graphs (mode reduce-overhead) on GPU
-    reference_convolutions: str | None = None  # CPU: run the reference with these kernels too (bwl.cpu_convolutions)
+    reference_convolutions: str | None = (
+        None  # CPU: run the reference with these kernels too (bwl.train.fast.cpu_convolutions)
+    )
     steps: int = 10
     rounds: int = 3
     warmup: int = 2
@@ -56,10 +58,39 @@ CPU_ROWS = [
 ]
 GPU_ROWS = [
     Row("full-size 512px b2 bf16", "full", 512, 2, "cuda", "bf16", steps=20),
-    Row("full-size 512px b2 fp16 + checkpointing (T4 settings)", "full", 512, 2, "cuda", "fp16", checkpointing=True, steps=20),
-    Row("full-size 512px b2 bf16 + compile (CUDA graphs)", "full", 512, 2, "cuda", "bf16", compile=True, steps=20, warmup=3),
+    Row(
+        "full-size 512px b2 fp16 + checkpointing (T4 settings)",
+        "full",
+        512,
+        2,
+        "cuda",
+        "fp16",
+        checkpointing=True,
+        steps=20,
+    ),
+    Row(
+        "full-size 512px b2 bf16 + compile (CUDA graphs)",
+        "full",
+        512,
+        2,
+        "cuda",
+        "bf16",
+        compile=True,
+        steps=20,
+        warmup=3,
+    ),
     Row("full-size 512px b8 bf16", "full", 512, 8, "cuda", "bf16", steps=10),
-    Row("full-size 512px b16 bf16 + compile (CUDA graphs)", "full", 512, 16, "cuda", "bf16", compile=True, steps=10, warmup=3),
+    Row(
+        "full-size 512px b16 bf16 + compile (CUDA graphs)",
+        "full",
+        512,
+        16,
+        "cuda",
+        "bf16",
+        compile=True,
+        steps=10,
+        warmup=3,
+    ),
 ]
 
 
@@ -67,9 +98,20 @@ def prepare(row: Row, workdir: Path, **overrides) -> TrainingRun:
     device = torch.device(row.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(row.precision, torch.float32)
     values = dict(
-        output_dir=str(workdir / "run"), model=row.model, instance_dir=str(write_dataset(workdir / f"data-{row.resolution}", row.resolution)),
-        trigger="sks", repeats=1, method="lora", blocks="all", rank=4, resolution=row.resolution, batch_size=row.batch_size,
-        steps=10_000, mixed_precision=row.precision, gradient_checkpointing=row.checkpointing, compile_unet=row.compile,
+        output_dir=str(workdir / "run"),
+        model=row.model,
+        instance_dir=str(write_dataset(workdir / f"data-{row.resolution}", row.resolution)),
+        trigger="sks",
+        repeats=1,
+        method="lora",
+        blocks="all",
+        rank=4,
+        resolution=row.resolution,
+        batch_size=row.batch_size,
+        steps=10_000,
+        mixed_precision=row.precision,
+        gradient_checkpointing=row.checkpointing,
+        compile_unet=row.compile,
         compile_mode="reduce-overhead" if row.compile and row.device == "cuda" else "default",
     )
     return TrainingRun(TrainConfig(**{**values, **overrides}), load_model(row.model, device, dtype))
@@ -123,10 +165,15 @@ def bench(row: Row, flops_cache: dict) -> dict:
         flops, peak = flops_cache.get(key), peak_tflops()
         mfu = f"{flops / fast_s / (peak * 1e12):.1%}" if flops and peak and device.type == "cuda" else "-"
         return {
-            "setting": row.name, "trainable params": sum(p.numel() for p in run.trainable),
-            "bwl steps/s": f"{1 / fast_s:.2f}", "reference steps/s": f"{1 / slow_s:.2f}", "speedup": f"{slow_s / fast_s:.2f}x",
-            "bwl peak": size(fast_peak), "reference peak": size(slow_peak),
-            "GFLOP/step": f"{flops / 1e9:.1f}" if flops else "-", "bwl MFU (bf16 peak)": mfu,
+            "setting": row.name,
+            "trainable params": sum(p.numel() for p in run.trainable),
+            "bwl steps/s": f"{1 / fast_s:.2f}",
+            "reference steps/s": f"{1 / slow_s:.2f}",
+            "speedup": f"{slow_s / fast_s:.2f}x",
+            "bwl peak": size(fast_peak),
+            "reference peak": size(slow_peak),
+            "GFLOP/step": f"{flops / 1e9:.1f}" if flops else "-",
+            "bwl MFU (bf16 peak)": mfu,
         }
 
 
@@ -139,20 +186,26 @@ def main() -> None:
     rows = CPU_ROWS + (GPU_ROWS if torch.cuda.is_available() else [])
     rows = [r for r in rows if args.only in (None, r.model) and args.device in (None, r.device)
             and (args.setting or "") in r.name]
-    command = "python benchmarks/bench_train.py" + "".join(f" --{k} {v!r}" if k == "setting" else f" --{k} {v}" for k, v in vars(args).items() if v)
+    command = "python benchmarks/bench_train.py" + "".join(
+        f" --{k} {v!r}" if k == "setting" else f" --{k} {v}" for k, v in vars(args).items() if v
+    )
     results, flops_cache = [], {}
     for row in rows:
         try:
             results.append(bench(row, flops_cache))
         except (RuntimeError, torch.OutOfMemoryError) as error:  # one failed setting still leaves the others' rows
             traceback.print_exc()
-            results.append({"setting": row.name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
+            results.append(
+                {"setting": row.name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+            )
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         print(" | ".join(f"{k}: {v}" for k, v in results[-1].items()), flush=True)
         chosen = [res for res, done in zip(results, rows) if done.device == row.device]
-        name = f"train-{row.device}" + ("-selected" if args.only or args.setting else "")  # a subset never replaces the full table
+        name = f"train-{row.device}" + (
+            "-selected" if args.only or args.setting else ""
+        )  # a subset never replaces the full table
         write_table(name, chosen, command)  # after every row: a cut-off run keeps its rows
     print(f"wrote {RESULTS}/train-*.csv and .md")
     if not torch.cuda.is_available():

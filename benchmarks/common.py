@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from bwl.atomic import atomic_path, write_text
-from bwl.tiny import full_size_sd1_pipeline, tiny_pipeline
+from bwl.core.atomic import atomic_path, write_text
+from bwl.sd.tiny import SD1_SCHEDULE, TINY_WORDS, full_size_sd1_unet, tiny_pipeline
+from bwl.sd.tokenizer import word_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINY_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench" / "tiny-sd"
@@ -35,6 +38,30 @@ def machine() -> str:
 def peak_tflops() -> float | None:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def full_size_sd1_pipeline(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> StableDiffusionPipeline:
+    """SD 1.x's U-Net, VAE and CLIP ViT-L text encoder with random weights (speed does not depend on weights)."""
+    with torch.device(device):
+        unet = full_size_sd1_unet()
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(TINY_WORDS), unet=unet,
+        scheduler=PNDMScheduler(**SD1_SCHEDULE), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
 
 
 def load_model(kind: str, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -128,11 +155,10 @@ def write_table(name: str, rows: list[dict], command: str) -> tuple[Path, Path]:
     """``benchmarks/results/<name>.csv`` and ``.md`` (with date, machine and command), written atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = RESULTS / f"{name}.csv", RESULTS / f"{name}.md"
-    with atomic_path(csv_path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-            writer.writeheader()
-            writer.writerows(rows)
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
     header = list(dict.fromkeys(k for row in rows for k in row))
     lines = [
         f"Measured {datetime.date.today()} on {machine()}, torch {torch.__version__}: `{command}`",

@@ -29,11 +29,27 @@ VARIANTS = [
     ("b2 fp16 checkpointing (T4)", Row("", "full", 512, 2, "cuda", "fp16", checkpointing=True, steps=20), {}),
     ("b8 eager, norms fp32", Row("", "full", 512, 8, "cuda", "bf16"), BEFORE),
     ("b8 eager, norms bf16", Row("", "full", 512, 8, "cuda", "bf16"), {}),
-    ("b8 eager, transformer outputs copied to NCHW", Row("", "full", 512, 8, "cuda", "bf16"), {"keep_transformer_layout": False}),
+    (
+        "b8 eager, transformer outputs copied to NCHW",
+        Row("", "full", 512, 8, "cuda", "bf16"),
+        {"keep_transformer_layout": False},
+    ),
     ("b8 compile", Row("", "full", 512, 8, "cuda", "bf16", compile=True, warmup=3), {"compile_mode": "default"}),
-    ("b2 compile reduce-overhead", Row("", "full", 512, 2, "cuda", "bf16", compile=True, warmup=3, steps=20), {"compile_mode": "reduce-overhead"}),
-    ("b8 compile reduce-overhead", Row("", "full", 512, 8, "cuda", "bf16", compile=True, warmup=3), {"compile_mode": "reduce-overhead"}),
-    ("b32 compile", Row("", "full", 512, 32, "cuda", "bf16", compile=True, warmup=3, steps=5), {"compile_mode": "default"}),
+    (
+        "b2 compile reduce-overhead",
+        Row("", "full", 512, 2, "cuda", "bf16", compile=True, warmup=3, steps=20),
+        {"compile_mode": "reduce-overhead"},
+    ),
+    (
+        "b8 compile reduce-overhead",
+        Row("", "full", 512, 8, "cuda", "bf16", compile=True, warmup=3),
+        {"compile_mode": "reduce-overhead"},
+    ),
+    (
+        "b32 compile",
+        Row("", "full", 512, 32, "cuda", "bf16", compile=True, warmup=3, steps=5),
+        {"compile_mode": "default"},
+    ),
     ("tiny b2 eager", Row("", "tiny", 64, 2, "cpu", steps=40, rounds=5, warmup=5), {}),
 ]
 
@@ -56,12 +72,19 @@ def measure(name: str, row: Row, overrides: dict, trace: bool, flops_cache: dict
                 times.append(time_steps(run.step, 100 + r * row.steps, row.steps, run.device))
         seconds = statistics.median(times)
         flops, peak = flops_cache.get(key), peak_tflops()
-        result = {"variant": name, "ms/step": f"{seconds * 1e3:.1f}", "steps/s": f"{1 / seconds:.2f}", "peak": size(memory.peak),
-                  "MFU": f"{flops / seconds / (peak * 1e12):.1%}" if flops and peak else "-"}
+        result = {
+            "variant": name,
+            "ms/step": f"{seconds * 1e3:.1f}",
+            "steps/s": f"{1 / seconds:.2f}",
+            "peak": size(memory.peak),
+            "MFU": f"{flops / seconds / (peak * 1e12):.1%}" if flops and peak else "-",
+        }
         if trace and run.device.type == "cuda":
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 time_steps(run.step, 1000, 3, run.device)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+            print(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True
+            )
     return result
 
 

@@ -3,7 +3,8 @@
 Written from that script's behaviour, not its code: every step moves the batch's pixels to the device, runs the
 VAE encoder and samples a latent, runs the text encoder on the pre-tokenized caption ids, predicts noise with the
 U-Net, takes the MSE, steps a default ``torch.optim.AdamW`` after gradient clipping, and reads the loss with
-``.item()`` for its progress bar and logger. It shares bwl's U-Net (same LoRA targets), uncompiled, so both time the same model.
+``.item()`` for its progress bar and logger. It shares bwl's U-Net (same LoRA targets), uncompiled, so both time
+the same model.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
-from bwl.cache import to_pixels
 from bwl.train import TrainingRun
+from bwl.train.cache import to_pixels
 
 
 class ReferenceStep:
@@ -25,8 +26,13 @@ class ReferenceStep:
         config = run.config
         self.pixels = to_pixels(run.data.images)
         captions = [ex.caption for ex in run.data.examples]
-        self.input_ids = run.pipe.tokenizer(captions, padding="max_length", max_length=run.pipe.tokenizer.model_max_length,
-                                            truncation=True, return_tensors="pt").input_ids
+        self.input_ids = run.pipe.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=run.pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         self.noise_scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)
         self.optimizer = run.accelerator.prepare(torch.optim.AdamW(
             run.trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -36,13 +42,17 @@ class ReferenceStep:
 
     def __call__(self, step: int) -> float:
         run, config = self.run, self.run.config
-        index = torch.tensor([i % len(self.pixels) for i in range(step * config.batch_size, (step + 1) * config.batch_size)])
+        index = torch.tensor(
+            [i % len(self.pixels) for i in range(step * config.batch_size, (step + 1) * config.batch_size)]
+        )
         pixel_values = self.pixels[index].to(run.device, run.weight_dtype)
         input_ids = self.input_ids[index].to(run.device)
         with run.accelerator.autocast():
             latents = run.vae.encode(pixel_values).latent_dist.sample() * run.vae.config.scaling_factor
             noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+            )
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
             encoder_hidden_states = run.text_encoder(input_ids)[0]
             prediction = run.unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]

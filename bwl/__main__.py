@@ -1,4 +1,9 @@
-"""Command line: ``python -m bwl {demo,train,inspect,export-kohya,import-kohya} ...``."""
+"""Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, findings, gates,
+pretrain, probe, demo.
+
+A failure bwl can name (a bad config, block spec, adapter file, dataset or a failed notebook) is one line on stderr
+and exit status 2, not a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,31 @@ import argparse
 import json
 import sys
 
-from . import config as configs
+from bwl.adapters.blocks import BlockSpecError
+from bwl.adapters.files import AdapterFileError
+from bwl.adapters.kohya import export_kohya, import_kohya, inspect_adapter
+from bwl.core import config as configs
+from bwl.core.config import ConfigError
+from bwl.data.datasets import DatasetError
+from bwl.data.tagging import TaggerError
+from bwl.sd.pipeline import load_pipeline
+from bwl.study.demo import run_demo
+from bwl.study.figures import sweep_figure
+from bwl.study.findings import findings_markdown
+from bwl.study.gates import gates as measure_gates
+from bwl.study.profile import load_profile
+from bwl.study.runner import StudyFailed, run_study
+from bwl.study.study import Study
+from bwl.study.sweep import read_sweep, run_sweep
+from bwl.toy.assets import train_and_save_probe
+from bwl.toy.pretrain import PretrainConfig, pretrain
+from bwl.train import TrainConfig, TrainingDiverged, train
+
+NAMED_FAILURES = (ConfigError, BlockSpecError, AdapterFileError, DatasetError, TaggerError, StudyFailed,
+                  TrainingDiverged, FileExistsError, FileNotFoundError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bwl", description="Block-wise LoRA for Stable Diffusion 1.x")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -22,22 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a profile key (value parsed as YAML), e.g. --set seeds=[0,1]")
 
-    from .train import TrainConfig
+    train_command = commands.add_parser("train", help="train one block-wise adapter")
+    train_command.add_argument("--config", help="YAML or JSON file with TrainConfig keys; flags override it")
+    configs.add_arguments(train_command, TrainConfig)
 
-    train = commands.add_parser("train", help="train one block-wise adapter")
-    train.add_argument("--config", help="YAML or JSON file with TrainConfig keys; flags override it")
-    configs.add_arguments(train, TrainConfig)
-
-    from .pretrain import PretrainConfig
-
-    pretrain = commands.add_parser("pretrain", help="pretrain the toy world's micro SD (resumable) into data/toy-sd")
-    pretrain.add_argument("--config", help="YAML or JSON file with PretrainConfig keys")
-    configs.add_arguments(pretrain, PretrainConfig)
+    pretrain_command = commands.add_parser(
+        "pretrain", help="pretrain the toy world's micro SD (resumable) into data/toy-sd"
+    )
+    pretrain_command.add_argument("--config", help="YAML or JSON file with PretrainConfig keys")
+    configs.add_arguments(pretrain_command, PretrainConfig)
 
     probe = commands.add_parser("probe", help="train the toy world's probe into data/toy-probe.safetensors")
     probe.add_argument("--steps", type=int, default=600)
 
-    sweep = commands.add_parser("sweep", help="block sweep: style LoCon on every block and block pair (after the study)")
+    sweep = commands.add_parser(
+        "sweep", help="block sweep: style LoCon on every block and block pair (after the study)"
+    )
     sweep.add_argument("--profile", default="toy")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -59,56 +85,44 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("path")
     imp.add_argument("out")
     imp.add_argument("--model", required=True, help="base model id or directory (for module names)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
     if args.command == "inspect":
-        from .kohya import inspect_adapter
-
         print(inspect_adapter(args.path).table())
     elif args.command == "export-kohya":
-        from .kohya import export_kohya
-
         print(export_kohya(args.path, args.out))
     elif args.command == "import-kohya":
-        from .kohya import import_kohya
-        from .pipeline import load_pipeline
-
         print(import_kohya(args.path, load_pipeline(args.model).unet, args.out))
     elif args.command == "train":
-        from .train import train as run_training
-
-        print(run_training(configs.from_args(TrainConfig, args)))
+        print(train(configs.from_args(TrainConfig, args)))
     elif args.command == "pretrain":
-        from .pretrain import pretrain as run_pretraining
-
-        print(run_pretraining(configs.from_args(PretrainConfig, args)))
+        print(pretrain(configs.from_args(PretrainConfig, args)))
     elif args.command == "probe":
-        from .toy import train_and_save_probe
-
         print(json.dumps(train_and_save_probe(steps=args.steps), indent=2))
     elif args.command == "sweep":
-        from .study import Study, load_profile, run_sweep, sweep_figure
-
-        study = Study(load_profile(args.profile, _overrides(parser, args.overrides)))
-        csv_path = run_sweep(study)
-        print(sweep_figure(csv_path, csv_path.with_suffix(".png")))
+        csv_path = run_sweep(Study(load_profile(args.profile, _overrides(cli, args.overrides))))
+        sweep_figure(read_sweep(csv_path), csv_path.with_suffix(".png"))
+        print(csv_path.with_suffix(".png"))
     elif args.command == "gates":
-        from .quality import gates as measure_gates
-
         print(json.dumps(measure_gates(args.profile, args.count), indent=2))
     elif args.command == "findings":
-        from .findings import findings_markdown
-        from .study import Study, load_profile
-
         print(findings_markdown(Study(load_profile(args.profile)).results()))
     elif args.command == "run":
-        from .run import run_study
-
-        run_study(args.profile, _overrides(parser, args.overrides))
+        run_study(args.profile, _overrides(cli, args.overrides))
     elif args.command == "demo":
-        from .demo import run_demo
-
         print(run_demo(args.out, steps=args.steps))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = parser()
+    args = cli.parse_args(argv)
+    try:
+        run_command(args, cli)
+    except NAMED_FAILURES as error:
+        print(f"bwl {args.command}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

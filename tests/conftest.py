@@ -18,14 +18,14 @@ DREAMBOOTH = SHARED / "datasets" / "dreambooth"
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from bwl.tiny import build_tiny_pipeline
+    from bwl.sd.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
 @pytest.fixture
 def pipe(tiny_dir):
-    from bwl.pipeline import load_pipeline
+    from bwl.sd.pipeline import load_pipeline
 
     return load_pipeline(tiny_dir)
 

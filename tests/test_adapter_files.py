@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bwl.adapter_file import AdapterFileError, load_adapter, read_info, read_metadata, read_tensors, save_adapter
-from bwl.adapters import AdapterSpec, add_adapter
-from bwl.compose import load_adapters, set_block_weights
-from bwl.kohya import export_kohya, import_kohya, inspect_adapter
-from bwl.pipeline import load_pipeline
+from bwl.adapters.compose import load_adapters, set_block_weights
+from bwl.adapters.files import AdapterFileError, load_adapter, read_info, read_metadata, read_tensors, save_adapter
+from bwl.adapters.kohya import export_kohya, import_kohya, inspect_adapter
+from bwl.adapters.spec import AdapterSpec, add_adapter
+from bwl.sd.pipeline import load_pipeline
 
 from .conftest import randomize_lora, render
 
@@ -80,7 +80,11 @@ def kohya_file(path, unet, ranks: dict[str, int], alpha: float, conv: bool = Fal
         block = ".".join(name.split(".")[:2]) if name.startswith(("down_blocks.", "up_blocks.")) else name.split(".")[0]
         if block not in ranks:
             continue
-        is_attn = ".attentions." in name and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ("proj_" in name or "transformer_blocks" in name)
+        is_attn = (
+            ".attentions." in name
+            and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            and ("proj_" in name or "transformer_blocks" in name)
+        )
         is_conv = conv and isinstance(module, torch.nn.Conv2d) and (".resnets." in name or "samplers" in name)
         if not (is_attn or is_conv):
             continue
@@ -102,7 +106,13 @@ def kohya_file(path, unet, ranks: dict[str, int], alpha: float, conv: bool = Fal
 
 
 def test_inspect_reads_a_foreign_kohya_file(pipe, tmp_path):
-    path = kohya_file(tmp_path / "foreign.safetensors", pipe.unet, {"down_blocks.1": 8, "up_blocks.0": 4, "up_blocks.2": 2}, alpha=1, conv=True)
+    path = kohya_file(
+        tmp_path / "foreign.safetensors",
+        pipe.unet,
+        {"down_blocks.1": 8, "up_blocks.0": 4, "up_blocks.2": 2},
+        alpha=1,
+        conv=True,
+    )
     report = inspect_adapter(path)
     assert report.format == "kohya" and report.method == "locon"
     assert report.blocks == "IN1+OUT0+OUT2"
@@ -132,7 +142,14 @@ def test_block_weight_zero_everywhere_is_the_base_model(pipe, tmp_path):
     assert np.array_equal(render(pipe), base)
 
 
-@pytest.mark.parametrize("method, block, prefix", [("lora", "OUT3", "unet.up_blocks.3."), ("locon", "OUT0", "unet.up_blocks.0."), ("locon", "IN3", "unet.down_blocks.3.")])
+@pytest.mark.parametrize(
+    "method, block, prefix",
+    [
+        ("lora", "OUT3", "unet.up_blocks.3."),
+        ("locon", "OUT0", "unet.up_blocks.0."),
+        ("locon", "IN3", "unet.down_blocks.3."),
+    ],
+)
 def test_block_weight_zero_equals_removing_that_block(pipe, tiny_dir, tmp_path, method, block, prefix):
     path = trained_file(pipe, tmp_path / "a.safetensors", AdapterSpec(method, "all", rank=4))
     tensors = read_tensors(path)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bwl.adapters import AdapterSpec, add_adapter, adapted_modules, find_targets, parameters_per_block
-from bwl.blocks import BlockSpecError
+from bwl.adapters.blocks import BlockSpecError
+from bwl.adapters.spec import AdapterSpec, adapted_modules, add_adapter, find_targets, parameters_per_block
 
 # Every Linear / 1x1 conv of an SD1.x Transformer2DModel (layers_per_block=1 transformer inside each attention).
 ATTENTION_SUFFIXES = {
@@ -88,7 +88,7 @@ def test_bad_specs_are_refused(pipe):
 
 
 def test_targets_found_on_full_size_architecture():
-    from bwl.tiny import full_size_sd1_unet
+    from bwl.sd.tiny import full_size_sd1_unet
 
     with torch.device("meta"):
         unet = full_size_sd1_unet()
@@ -96,3 +96,17 @@ def test_targets_found_on_full_size_architecture():
     locon = find_targets(unet, "locon")
     assert len(lora) == 16 * 12  # 16 transformers x 12 linear/1x1 modules each (192, as kohya counts)
     assert len(locon) > len(lora)
+
+
+def test_a_second_adapter_on_a_channels_last_swapped_unet_targets_the_same_modules(pipe):
+    """The fast path swaps Transformer2DModel's class (bwl.train.fast.channels_last); targets are found by isinstance,
+    so an adapter added after the swap (a pipe trained twice on CUDA) still finds every attention block."""
+    from bwl.train.fast import autocast_norms, channels_last
+
+    first = {method: {t.name for t in find_targets(pipe.unet, method)} for method in ("lora", "locon")}
+    add_adapter(pipe.unet, AdapterSpec(method="locon", blocks="all"), "first")
+    assert channels_last.install(pipe.unet) > 0 and autocast_norms.install(pipe.unet) > 0
+    for method in ("lora", "locon"):
+        assert {t.name for t in find_targets(pipe.unet, method)} == first[method]
+    add_adapter(pipe.unet, AdapterSpec(method="locon", blocks="all"), "second")
+    assert set(adapted_modules(pipe.unet, "second")) == set(adapted_modules(pipe.unet, "first")) == first["locon"]

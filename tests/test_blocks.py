@@ -1,8 +1,20 @@
 import pytest
 
-from bwl.blocks import (
-    FINE_BLOCKS, GROUPS, LBW_PRESETS, PAPER_BLOCKS, BlockSpecError, block_ranks, block_weights,
-    fine_block, fine_blocks_of, format_blocks, lbw_weights, paper_block, paper_block_of_fine, parse_blocks,
+from bwl.adapters.blocks import (
+    FINE_BLOCKS,
+    GROUPS,
+    LBW_PRESETS,
+    PAPER_BLOCKS,
+    BlockSpecError,
+    block_ranks,
+    block_weights,
+    fine_block,
+    fine_blocks_of,
+    format_blocks,
+    lbw_weights,
+    paper_block,
+    paper_block_of_fine,
+    parse_blocks,
 )
 
 

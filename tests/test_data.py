@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bwl.data import DatasetError, load_image, load_images, open_rgb, scan_dataset, shuffle_caption, split_tags
+from bwl.data.datasets import DatasetError, load_image, load_images, open_rgb, scan_dataset, shuffle_caption, split_tags
 
 
 def write_images(folder, count=3, caption="sks, circle, red", size=80):
@@ -84,7 +84,9 @@ def test_resize_and_center_crop(tmp_path):
 def test_small_images_warn_once(tmp_path):
     for i in range(7):
         Image.new("RGB", (16, 16)).save(tmp_path / f"s{i}.png")
-    with pytest.warns(UserWarning, match=r"7 image\(s\) smaller than the training resolution 64.*s0.png \(16x16\).*and 2 more") as caught:
+    with pytest.warns(
+        UserWarning, match=r"7 image\(s\) smaller than the training resolution 64.*s0.png \(16x16\).*and 2 more"
+    ) as caught:
         images = load_images(sorted(tmp_path.glob("*.png")), 64)
     assert len(caught) == 1 and all(img.size == (64, 64) for img in images)
 
@@ -110,3 +112,18 @@ def test_shuffle_keeps_the_first_tokens():
     assert len(outs) > 1 and all(o.startswith("sks, ") for o in outs)
     assert all(sorted(split_tags(o)) == sorted(split_tags(caption)) for o in outs)
     assert shuffle_caption(caption, 6, random.Random(0)) == caption
+
+
+def test_truncated_jpeg_in_a_dataset_folder_is_skipped_and_listed(tmp_path):
+    """``Image.verify()`` passes a truncated JPEG that then fails to load; the scan decodes, so it is skipped."""
+    write_images(tmp_path, count=2)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "cut.jpg", quality=90)
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.jpg") as img:
+        img.verify()  # the old check: passes
+    examples, skipped = scan_dataset(tmp_path)
+    assert [e.image.name for e in examples] == ["00.png", "01.png"]
+    assert [(s.path.name, s.reason) for s in skipped] == [("cut.jpg", "unreadable image (OSError)")]
+    load_images([e.image for e in examples], 64)  # what is kept loads

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bwl.adapters import AdapterSpec, add_adapter
+from bwl.adapters.spec import AdapterSpec, add_adapter
 
 
 def activations_requiring_grad(unet, checkpointing: bool) -> dict[str, bool]:
@@ -12,7 +12,14 @@ def activations_requiring_grad(unet, checkpointing: bool) -> dict[str, bool]:
     unet.train()
     seen: dict[str, bool] = {}
     hooks = []
-    for name in ["conv_in", "time_embedding", *[f"down_blocks.{i}" for i in range(4)], "mid_block", *[f"up_blocks.{i}" for i in range(4)], "conv_out"]:
+    for name in [
+        "conv_in",
+        "time_embedding",
+        *[f"down_blocks.{i}" for i in range(4)],
+        "mid_block",
+        *[f"up_blocks.{i}" for i in range(4)],
+        "conv_out",
+    ]:
         module = unet.get_submodule(name)
 
         def record(_, __, output, name=name):
@@ -32,7 +39,17 @@ def activations_requiring_grad(unet, checkpointing: bool) -> dict[str, bool]:
 def test_only_out_blocks_trained_means_no_grad_below_them(pipe, checkpointing):
     add_adapter(pipe.unet, AdapterSpec("locon", "OUT2+OUT3", rank=2))
     seen = activations_requiring_grad(pipe.unet, checkpointing)
-    below = ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1"]
+    below = [
+        "conv_in",
+        "time_embedding",
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "down_blocks.3",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+    ]
     assert not any(seen[n] for n in below), {n: seen[n] for n in below}
     assert seen["up_blocks.2"] and seen["up_blocks.3"] and seen["conv_out"]
     frozen = [n for n, p in pipe.unet.named_parameters() if p.grad is not None and ".lora_" not in n]

@@ -7,13 +7,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bwl.pretrain as pretrain_module
-from bwl.pretrain import PretrainConfig, pretrain
+import bwl.toy.pretrain as pretrain_module
+from bwl.toy.pretrain import PretrainConfig, pretrain
 
 
 def tiny_config(tmp_path, name: str, unet_steps: int = 4) -> PretrainConfig:
-    return PretrainConfig(work_dir=str(tmp_path / name / "work"), model_dir=str(tmp_path / name / "model"), vae_steps=2,
-                          vae_batch=4, unet_steps=unet_steps, unet_batch=4, dataset_size=8, checkpoint_every=1, log_every=1)
+    return PretrainConfig(
+        work_dir=str(tmp_path / name / "work"),
+        model_dir=str(tmp_path / name / "model"),
+        vae_steps=2,
+        vae_batch=4,
+        unet_steps=unet_steps,
+        unet_batch=4,
+        dataset_size=8,
+        checkpoint_every=1,
+        log_every=1,
+    )
 
 
 def unet_weights(config: PretrainConfig) -> dict[str, torch.Tensor]:

@@ -5,8 +5,10 @@ import shutil
 
 import pytest
 
-from bwl.config import ConfigError
+from bwl.core.config import ConfigError
 from bwl.study import GRIDS, Study, load_profile
+from bwl.study.figures import make_figures
+from bwl.study.vocabulary import Concept, identity, style
 
 
 def smoke(tmp_path, **overrides):
@@ -33,23 +35,67 @@ def test_unknown_raw_papermill_parameter_is_refused_naming_it(tmp_path):
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from bwl.study import ROOT
+    from bwl.study.profile import ROOT
 
-    with pytest.raises(PapermillExecutionError, match=r"unknown notebook parameter\(s\) 'seedz'; valid: profile, overrides"):
+    with pytest.raises(
+        PapermillExecutionError, match=r"unknown notebook parameter\(s\) 'seedz'; valid: profile, overrides"
+    ):
         papermill.execute_notebook(str(ROOT / "notebooks" / "04_figures.ipynb"), str(tmp_path / "out.ipynb"),
                                    parameters={"profile": "smoke", "seedz": [0, 1], "interactive": False},
                                    kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
 
 
-def test_parameter_guard_passes_declared_parameters_and_rechecks_nothing():
-    from bwl.run import ParameterGuard
+def test_notebook_setup_passes_declared_parameters_and_rechecks_nothing(tmp_path):
+    from bwl.study.notebook import setup
 
-    namespace = {"sys": object()}
-    guard = ParameterGuard(namespace)
-    namespace.update(profile="toy", overrides={}, interactive=False, _i3="cell text", guard=guard, Study=type)
-    guard.check(namespace)
-    namespace["study"] = object()  # the notebook's own variables, when a cell is re-run in JupyterLab
-    guard.check(namespace)
+    namespace = {"sys": object(), "profile": "smoke", "overrides": {}, "interactive": False, "_i3": "cell text"}
+    study = setup("smoke", {"runs_dir": str(tmp_path)}, namespace)
+    assert study.profile.name == "smoke"
+    namespace["files"] = {}  # the notebook's own variables, when its setup cell is re-run in JupyterLab
+    setup("smoke", {"runs_dir": str(tmp_path)}, namespace)
+    with pytest.raises(ConfigError, match=r"unknown notebook parameter\(s\) 'seedz'"):
+        setup("smoke", {}, {"profile": "smoke", "seedz": [0, 1]})
+
+
+def test_a_profile_may_not_set_what_each_grid_adapter_owns():
+    for key, value in (("method", "locon"), ("blocks", "upper"), ("trigger", "sks"), ("instance_dir", "x")):
+        with pytest.raises(ConfigError, match=f"train: '{key}' is set by each grid adapter"):
+            load_profile("toy", {"train": {key: value}})
+
+
+def test_run_key_hashes_the_resolved_config_defaults_included(tmp_path, monkeypatch):
+    import dataclasses
+
+    from bwl.study import runs
+    from bwl.train import TrainConfig
+
+    study = smoke(tmp_path)
+    study.prepare_data()
+    before = study.train_config(style("locon", "upper")).output_dir
+    quieter = smoke(tmp_path, train={**study.profile.train, "log_every": 1, "checkpoint_every": 3})
+    assert quieter.train_config(style("locon", "upper")).output_dir == before  # logging changes no result
+
+    @dataclasses.dataclass
+    class NewDefault(TrainConfig):  # bwl's default learning rate changes; the profile does not set it
+        adam_epsilon: float = 1e-6
+
+    monkeypatch.setattr(runs, "TrainConfig", NewDefault)
+    assert smoke(tmp_path).train_config(style("locon", "upper")).output_dir != before
+
+
+def test_grid_vocabulary_is_typed_and_defined_once():
+    from bwl.study.findings import CLAIMS
+    from bwl.study.vocabulary import AdapterKey
+
+    key = AdapterKey(Concept.STYLE, "locon", "IN0+OUT3")
+    assert key == style("locon", "upper") and str(key) == "style_locon_upper"
+    assert str(AdapterKey("identity", "lora", "all", seed=2, concept_id="b")) == "id_lora_all_b_s2"
+    for claim in CLAIMS:  # every compared cell is a column of its grid
+        for grid, *labels in claim.pairs:
+            for label in labels:
+                GRIDS[grid].column(label)
+    with pytest.raises(ValueError, match="unknown method 'loha'"):
+        AdapterKey(Concept.STYLE, "loha")
 
 
 def test_paper_profile_defaults_are_the_papers():
@@ -63,59 +109,68 @@ def test_paper_profile_defaults_are_the_papers():
 def test_grids_share_runs_and_a_rerun_trains_nothing(tmp_path):
     study = smoke(tmp_path)
     study.prepare_data()
-    assert set(study.needed_adapters()) == {"id_locon_all", "style_locon_all", "style_locon_upper", "style_locon_middle", "style_locon_bottom"}
+    assert {str(k) for k in study.needed_adapters()} == {
+        "id_locon_all", "style_locon_all", "style_locon_upper", "style_locon_middle", "style_locon_bottom"}
     logs = []
     study.train_all(log=logs.append)
-    assert sum("training" in line for line in logs) == 5
+    assert sum(": trained locon" in line for line in logs) == 5
     study.run_grids(log=logs.append)
     again = []
     smoke(tmp_path).train_all(log=again.append)
-    assert len(again) == 5 and all("reusing" in line for line in again)
+    assert again == ["adapters: 5 of 5 reused (same config and data), 0 to train"]
     cells = []
     smoke(tmp_path).run_grids(log=cells.append)
-    assert all("reusing" in line for line in cells)
+    assert cells == ["fig4b: 6 cells, 0 generated (2 images each), 6 reused"]
     assert (tmp_path / "figures" / "results.csv").exists() and (tmp_path / "figures" / "results.md").exists()
-    assert [p.name for p in smoke(tmp_path).make_figures()] == ["fig4b.png"]
+    assert [p.name for p in make_figures(smoke(tmp_path))] == ["fig4b.png"]
 
 
 def test_changed_captions_mean_a_new_run(tmp_path):
     study = smoke(tmp_path)
     study.prepare_data()
-    before = study.train_config("style_locon_upper").output_dir
+    before = study.train_config(style("locon", "upper")).output_dir
     caption = next(study.concept_dir("style").glob("*.txt"))
     caption.write_text(caption.read_text().strip() + ", hand edited\n")
-    assert study.train_config("style_locon_upper").output_dir != before
-    assert study.train_config("id_locon_all").output_dir == smoke(tmp_path).train_config("id_locon_all").output_dir
+    assert smoke(tmp_path).train_config(style("locon", "upper")).output_dir != before
+    assert (
+        study.train_config(identity("locon")).output_dir == smoke(tmp_path).train_config(identity("locon")).output_dir
+    )
 
 
 def test_retrained_base_model_under_the_same_path_means_new_runs_and_cells(tmp_path, tiny_dir):
     from safetensors.torch import load_file, save_file
 
-    from bwl.study import cell_key, file_hash
+    from bwl.study.cells import CellRenderer
+    from bwl.study.vocabulary import cell
+
+    def keys(study):
+        one = cell("ID alone", (identity("locon"), 1.0))
+        renderer = CellRenderer(
+            None, study.profile, study.cells, study.model_fingerprint, {}, {identity("locon"): "a"}, None
+        )
+        return study.train_config(identity("locon")).output_dir, renderer.key(one, ["p"], [0])
 
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
     study = smoke(tmp_path, model=str(model), build_tiny=False)
     study.prepare_data()
-    adapter = tmp_path / "adapter.safetensors"
-    adapter.write_bytes(b"stand-in adapter bytes")
-    before = study.train_config("id_locon_all").output_dir, cell_key(study.profile, study.model_fingerprint, {"a": 1.0}, {"a": file_hash(adapter)})
+    before = keys(study)
     weights = next((model / "unet").glob("*.safetensors"))
     tensors = load_file(weights)
     first = sorted(tensors)[0]
     tensors[first] = tensors[first] + 1
     save_file(tensors, weights)
     retrained = smoke(tmp_path, model=str(model), build_tiny=False)
-    after = retrained.train_config("id_locon_all").output_dir, cell_key(retrained.profile, retrained.model_fingerprint, {"a": 1.0}, {"a": file_hash(adapter)})
+    after = keys(retrained)
     assert after[0] != before[0] and after[1] != before[1]
 
 
 def test_paper_profile_runs_one_cell_through_from_pretrained(tmp_path, tiny_dir, dreambooth):
-    identity, style = tmp_path / "photos" / "identity", tmp_path / "photos" / "style"
-    shutil.copytree(dreambooth / "dog", identity)
-    shutil.copytree(dreambooth / "red_cartoon", style)
+    photos, paintings = tmp_path / "photos" / "identity", tmp_path / "photos" / "style"
+    shutil.copytree(dreambooth / "dog", photos)
+    shutil.copytree(dreambooth / "red_cartoon", paintings)
     study = Study(load_profile("paper", {
-        "model": str(tiny_dir), "identity_dir": str(identity), "style_dir": str(style), "tagger": "none",
+        "model": str(tiny_dir), "identity_dir": str(photos), "style_dir": str(paintings), "tagger": "none",
         "resolution": 64, "reg_count": 2, "reg_prompt": "dog", "class_word": "dog",
         "train": {"steps": 2, "batch_size": 1, "repeats": 1, "checkpoint_every": 0},
         "grids": ["fig4b"], "seeds": [0], "prompts": ["sks dog, zxq style"], "sample_steps": 2,
@@ -125,16 +180,15 @@ def test_paper_profile_runs_one_cell_through_from_pretrained(tmp_path, tiny_dir,
     assert (study.out / "data" / "identity" / "00.txt").read_text().strip() == "sks, dog"
     assert len(list((study.out / "data" / "reg").glob("*.png"))) == 2
     study.train_all()
-    config = json.loads((study.adapter_files()["id_locon_all"].parent / "config.json").read_text())
+    config = json.loads((study.adapter_files()[identity("locon")].parent / "config.json").read_text())
     assert config["train"]["model"] == str(tiny_dir) and config["train"]["reg_dir"].endswith("reg")
     study.run_grids()
-    rows = study.results()
-    assert [r["cell"] for r in rows] == ["base", "ID alone", "style alone", *GRIDS["fig4b"]]
+    assert [r.cell for r in study.results()] == [c.label for c in GRIDS["fig4b"].columns()]
 
 
 def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
-    import bwl.run as run_module
-    from bwl.run import StudyFailed, run_study
+    import bwl.study.runner as run_module
+    from bwl.study.runner import StudyFailed, run_study
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -143,7 +197,11 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
     book = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell("profile = 'smoke'\noverrides = {}\ninteractive = True")
     params.metadata["tags"] = ["parameters"]
-    book.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    book.cells = [
+        params,
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("raise ValueError('broken on purpose')"),
+    ]
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(book, notebooks / "99_broken.ipynb")
     monkeypatch.setattr(run_module, "ROOT", tmp_path)
@@ -153,32 +211,34 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
 
 
 def test_block_sweep_covers_every_block_and_draws_heatmaps(tmp_path):
-    import csv
-
-    from bwl.study import run_sweep, sweep_figure, sweep_specs
+    from bwl.study.figures import sweep_figure
+    from bwl.study.sweep import read_sweep, run_sweep, sweep_specs
 
     assert len(sweep_specs()) == 9 + 36 and "IN0+OUT3" in sweep_specs()
     study = smoke(tmp_path, sweep_pairs=False, sweep_seeds=[0])
     study.prepare_data()
-    path = run_sweep(study)
-    with open(path, newline="") as f:
-        assert [r["blocks"] for r in csv.DictReader(f)] == sweep_specs(pairs=False)
-    assert sweep_figure(path, tmp_path / "sweep.png").stat().st_size > 0
+    results = read_sweep(run_sweep(study))
+    assert [r.spec for r in results] == sweep_specs(pairs=False)
+    sweep_figure(results, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
 def test_findings_decide_claims_by_non_overlapping_intervals():
-    from bwl.findings import claim_verdict, compare, findings_markdown
+    from bwl.study.findings import claim_verdict, compare, findings_markdown
+    from bwl.study.metrics import Estimate
+    from bwl.study.results import CellResult
+    from bwl.study.vocabulary import METRICS, Metric
 
     def row(grid, cell, identity, style, ci=0.05):
-        return {"grid": grid, "cell": cell, "identity": identity, "identity_ci": ci, "identity_n": 40,
-                "style": style, "style_ci": ci, "style_n": 40}
+        values = {Metric.IDENTITY: identity, Metric.STYLE: style}
+        return CellResult(grid, cell, "k", {m: Estimate(values.get(m, 0.5), ci, 40) for m in METRICS})
 
     rows = [row("fig4a", "full ID + upper style", 0.8, 0.7), row("fig4a", "upper ID + full style", 0.5, 0.7),
             row("fig4a", "upper ID + upper style", 0.95, 0.2)]
     beats = compare(rows, "fig4a", "full ID + upper style", "upper ID + full style")
-    assert beats.verdict == "beats" and beats.better == ["identity"] and beats.worse == []
+    assert beats.verdict == "beats" and beats.better == [Metric.IDENTITY] and beats.worse == []
     trade = compare(rows, "fig4a", "full ID + upper style", "upper ID + upper style")
-    assert trade.verdict == "trade-off" and trade.worse == ["identity"] and trade.better == ["style"]
+    assert trade.verdict == "trade-off" and trade.worse == [Metric.IDENTITY] and trade.better == [Metric.STYLE]
     assert claim_verdict([beats]) == "holds" and claim_verdict([beats, trade]) == "partly"
     assert compare(rows, "fig4a", "upper ID + full style", "full ID + upper style").verdict == "loses"
     with pytest.raises(KeyError, match="fig2"):
@@ -189,16 +249,18 @@ def test_adapters_trained_in_worker_processes_equal_ones_trained_here(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from bwl.study import train_one
+    from bwl.study.workers import train_one
 
     study = smoke(tmp_path, train_workers=2)
     study.prepare_data()
     logs = []
     files = study.train_all(log=logs.append)
-    assert sum("trained" in line for line in logs) == 5 and all(f.exists() for f in files.values())
-    steps = study.train_config("style_locon_upper").steps
-    assert f"style_locon_upper: step {steps}/{steps} loss" in "\n".join(logs)  # workers' lines, relayed once
-    config = study.train_config("style_locon_upper")
+    assert sum(": trained" in line for line in logs) == 5 and all(f.exists() for f in files.values())
+    upper = style("locon", "upper")
+    steps = study.train_config(upper).steps
+    assert f"step {steps}/{steps} loss" in (files[upper].parent / "train.log").read_text()  # step lines: in its log
+    assert not any("step " in line for line in logs)  # the console gets one line per adapter
+    config = study.train_config(upper)
     config.output_dir = str(tmp_path / "here")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' count: same threads, same sums, same bits
@@ -206,5 +268,5 @@ def test_adapters_trained_in_worker_processes_equal_ones_trained_here(tmp_path):
         here = load_file(train_one(config))
     finally:
         torch.set_num_threads(threads)
-    there = load_file(files["style_locon_upper"])
+    there = load_file(files[upper])
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)

@@ -1,15 +1,19 @@
 import csv
 import json
+import math
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from bwl.adapter_file import read_info, read_tensors
-from bwl.blocks import paper_block
-from bwl.config import ConfigError, build
-from bwl.train import TrainConfig, TrainingDiverged, checkpoints, load_checkpoint, prepare_data, train
+from bwl.adapters.blocks import paper_block
+from bwl.adapters.files import read_info, read_tensors
+from bwl.core.config import ConfigError, build
+from bwl.toy.assets import TOY_MODEL
+from bwl.train import TrainConfig, TrainingDiverged, train
+from bwl.train.loop import checkpoints, load_checkpoint
+from bwl.train.run import prepare_data
 
 from .test_data import write_images
 
@@ -52,8 +56,26 @@ def test_base_weights_untouched_and_no_lora_outside_blocks(tmp_path, tiny_dir, p
 
 
 def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, tiny_dir):
-    straight = train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "a"), steps=60, checkpoint_every=30, random_flip=True, shuffle_tags=True))
-    resumable = config(tmp_path, tiny_dir, output_dir=str(tmp_path / "b"), steps=60, checkpoint_every=30, random_flip=True, shuffle_tags=True)
+    straight = train(
+        config(
+            tmp_path,
+            tiny_dir,
+            output_dir=str(tmp_path / "a"),
+            steps=60,
+            checkpoint_every=30,
+            random_flip=True,
+            shuffle_tags=True,
+        )
+    )
+    resumable = config(
+        tmp_path,
+        tiny_dir,
+        output_dir=str(tmp_path / "b"),
+        steps=60,
+        checkpoint_every=30,
+        random_flip=True,
+        shuffle_tags=True,
+    )
     resumable.stop_after = 30
     stopped = train(resumable)
     assert stopped.name == "checkpoint-0000030.safetensors" and not (tmp_path / "b" / "adapter.safetensors").exists()
@@ -65,7 +87,7 @@ def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, tiny_dir):
 
 
 def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_dir, monkeypatch, pipe):
-    import bwl.checkpoint as checkpoint_module
+    import bwl.train.checkpoint as checkpoint_module
 
     real_save = checkpoint_module.save_file
     calls = []
@@ -122,7 +144,7 @@ def test_regularisation_images_balance_the_instances(tmp_path, tiny_dir):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_dir, monkeypatch):
-    import bwl.train as train_module
+    import bwl.train.run as train_module
 
     real_loss = train_module.denoising_loss
     seen = []
@@ -159,7 +181,20 @@ def test_config_file_and_cli(tmp_path, tiny_dir):
         f"model: {tiny_dir}\ninstance_dir: {tmp_path / 'images'}\nresolution: 64\nsteps: 3\nlog_every: 1\n"
         f"checkpoint_every: 0\nblocks: middle\nblock_ranks: {{IN1: 2}}\n"
     )
-    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path / "cli"), "--method", "locon"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "run.yaml"),
+                "--output-dir",
+                str(tmp_path / "cli"),
+                "--method",
+                "locon",
+            ]
+        )
+        == 0
+    )
     info = read_info(tmp_path / "cli" / "adapter.safetensors")
     assert info.spec.method == "locon" and info.spec.blocks == "middle" and info.block_ranks["IN04"] == 2
     with pytest.raises(ConfigError, match="'stepz'.*valid: output_dir"):
@@ -167,10 +202,13 @@ def test_config_file_and_cli(tmp_path, tiny_dir):
 
 
 def test_checkpoint_restores_optimizer_and_schedule(tmp_path, tiny_dir, pipe):
-    train(config(tmp_path, tiny_dir, steps=20, checkpoint_every=10, lr_scheduler="cosine", lr_warmup_steps=2), pipe=pipe)
-    from bwl.pipeline import load_pipeline
-    from bwl.adapters import add_adapter
+    train(
+        config(tmp_path, tiny_dir, steps=20, checkpoint_every=10, lr_scheduler="cosine", lr_warmup_steps=2), pipe=pipe
+    )
     from diffusers.optimization import get_scheduler
+
+    from bwl.adapters.spec import add_adapter
+    from bwl.sd.pipeline import load_pipeline
 
     fresh = load_pipeline(tiny_dir)
     cfg = config(tmp_path, tiny_dir)
@@ -185,56 +223,85 @@ def test_checkpoint_restores_optimizer_and_schedule(tmp_path, tiny_dir, pipe):
 def test_v_prediction_target_follows_the_scheduler_config(tmp_path, tiny_dir, pipe):
     from diffusers import DDPMScheduler
 
-    from bwl.train import denoising_loss
+    from bwl.train.run import denoising_loss
 
     latents = torch.randn(2, 4, 8, 8)
     text = torch.randn(2, 77, 32)
     eps = DDPMScheduler.from_config(pipe.scheduler.config)
     v = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
-    zero_unet = lambda noisy, t, text: type("Out", (), {"sample": torch.zeros_like(noisy)})()  # noqa: E731
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    def zero_unet(noisy, t, text):
+        return type("Out", (), {"sample": torch.zeros_like(noisy)})()
+
+    def g():
+        return torch.Generator().manual_seed(0)
+
     noise = torch.randn(latents.shape, generator=g())
-    assert denoising_loss(zero_unet, eps, latents, text, g(), fixed_timestep=500).item() == pytest.approx(noise.pow(2).mean().item())
+    assert denoising_loss(zero_unet, eps, latents, text, g(), fixed_timestep=500).item() == pytest.approx(
+        noise.pow(2).mean().item()
+    )
     velocity = v.get_velocity(latents, noise, torch.full((2,), 500))
-    assert denoising_loss(zero_unet, v, latents, text, g(), fixed_timestep=500).item() == pytest.approx(velocity.pow(2).mean().item())
+    assert denoising_loss(zero_unet, v, latents, text, g(), fixed_timestep=500).item() == pytest.approx(
+        velocity.pow(2).mean().item()
+    )
 
 
-def first_step(cfg: TrainConfig) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and adapter gradients of step 0, before any optimizer update."""
-    from bwl.train import TrainingRun, denoising_loss
+def first_step(cfg: TrainConfig, float64: bool = False) -> tuple[float, torch.Tensor, float, torch.Tensor]:
+    """Loss and adapter gradients (flattened, by parameter name) of step 0, before any optimizer update; with
+    ``float64``, also those of the same U-Net, adapter and batch in float64 (the reference for rounding)."""
+    import copy
+
+    from bwl.train.run import TrainingRun, denoising_loss
 
     run = TrainingRun(cfg)
     latents, text, weights, generator = run.batch(0)
     with run.kernels():
         loss = denoising_loss(run.forward_unet, run.noise_scheduler, latents, text, generator, None, weights)
         loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in run.unet.named_parameters() if p.requires_grad}
+    names = sorted(n for n, p in run.unet.named_parameters() if p.requires_grad)
+    grads = dict(run.unet.named_parameters())
+    flat = torch.cat([grads[n].grad.flatten() for n in names])
+    if not float64:
+        return loss.item(), flat, math.nan, torch.empty(0)
+    unet = copy.deepcopy(run.unet).double()
+    latents, text, weights, generator = run.batch(0)  # the same draws, from the step's seed
+    exact = denoising_loss(
+        unet, run.noise_scheduler, latents.double(), text.double(), generator, None, weights.double()
+    )
+    exact.backward()
+    params = dict(unet.named_parameters())
+    return loss.item(), flat, exact.item(), torch.cat([params[n].grad.flatten().float() for n in names])
 
 
-@pytest.mark.parametrize(("option", "tolerance"), [
-    ({"gradient_checkpointing": True}, 1e-4),
-    # oneDNN's channels-last convolutions sum in another order: 1.5e-3 measured, below bf16's 4e-3 step used on GPU
-    ({"channels_last": True}, 5e-3),
-    ({"compile_unet": True, "compile_backend": "aot_eager"}, 1e-4),  # the compile path (dynamo + AOT autograd)
-    # the tiny model's default is "native" (auto). This random U-Net amplifies rounding: against a float64 run its fp32
-    # output is off by 7.6e-6 (oneDNN) or 2.4e-5 (native) and its gradients by 6.6e-4 or 3.2e-3; 3.9e-3 apart measured
-    ({"cpu_convolutions": "onednn"}, 5e-3),
+@pytest.mark.parametrize("option", [
+    {"gradient_checkpointing": True},
+    {"channels_last": True},
+    {"compile_unet": True, "compile_backend": "aot_eager"},  # the compile path (dynamo + AOT autograd)
+    {"cpu_convolutions": "onednn"},
+    {"cpu_convolutions": "native"},
 ])
-def test_fast_path_options_do_not_change_results(tmp_path, tiny_dir, option, tolerance):
-    plain_loss, plain_grads = first_step(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain")))
-    fast_loss, fast_grads = first_step(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "fast"), **option))
-    assert fast_loss == pytest.approx(plain_loss, rel=1e-5)
-    assert plain_grads.keys() == fast_grads.keys()
-    plain, fast = torch.cat([g.flatten() for g in plain_grads.values()]), torch.cat([fast_grads[n].flatten() for n in plain_grads])
-    assert float((fast - plain).norm() / plain.norm()) < tolerance  # some gradients are ~0 (1-token mid attention): compare all
-    assert float((fast - plain).abs().max()) < tolerance * float(plain.abs().max())
+def test_fast_path_options_do_not_change_results(tmp_path, tiny_dir, option):
+    """Each option changes the first step by float32 rounding only, on any x86 CPU.
+
+    Measured against a float64 run of the same U-Net, adapter and batch, on the shipped toy model: a trained
+    U-Net is well conditioned, so every kernel choice's gradients are within 1e-6 of float64 (measured: 5e-7 to
+    1e-6), and 1e-4 leaves a hundredfold margin while catching any real change. (The random test U-Net amplifies
+    rounding a thousandfold, by an amount that depends on the CPU's kernels, so it cannot bound them.)
+    Then ten steps on the test U-Net keep the same loss curve."""
+    toy = {"model": str(TOY_MODEL), "resolution": 32}
+    loss, grads, exact_loss, exact = first_step(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain"),
+                                                       **toy), float64=True)
+    fast_loss, fast, _, _ = first_step(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "fast"), **toy, **option))
+    assert fast.shape == grads.shape
+    for values, value in ((grads, loss), (fast, fast_loss)):
+        assert float((values - exact).norm() / exact.norm()) < 1e-4  # all gradients together: some are ~0
+        assert value == pytest.approx(exact_loss, rel=1e-5)
     train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain-run"), steps=10))
     train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "fast-run"), steps=10, **option))
-    assert losses(tmp_path / "fast-run") == pytest.approx(losses(tmp_path / "plain-run"), rel=2e-3)  # float reassociation
+    assert losses(tmp_path / "fast-run") == pytest.approx(losses(tmp_path / "plain-run"), rel=2e-3)
 
 
 def test_samples_and_loss_curve(tmp_path, tiny_dir):
-    from bwl.figures import plot_loss_curve
+    from bwl.train import plot_loss_curve
 
     train(config(tmp_path, tiny_dir, steps=10, sample_every=5, sample_prompts=["sks, circle", "a photo"]))
     samples = sorted((tmp_path / "run" / "samples").glob("*.png"))
@@ -250,7 +317,7 @@ def test_optimizer_and_precision_choices_are_checked_when_configured():
         TrainConfig(mixed_precision="fp8")
     import importlib.util
 
-    from bwl.train import make_optimizer
+    from bwl.train.run import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -260,7 +327,7 @@ def test_optimizer_and_precision_choices_are_checked_when_configured():
 
 
 def test_norms_in_compute_dtype_round_only_and_only_inside_the_block():
-    from bwl.autocast_norms import install, norms_in_compute_dtype
+    from bwl.train.fast.autocast_norms import install, norms_in_compute_dtype
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.Conv2d(16, 16, 1), torch.nn.LayerNorm(8))
@@ -280,12 +347,32 @@ def test_norms_in_compute_dtype_round_only_and_only_inside_the_block():
 
 def test_bf16_training_with_norms_in_compute_dtype_and_checkpointing(tmp_path, tiny_dir):
     """Checkpointing recomputes the forward in backward: the norms must run there as they did in forward."""
-    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "plain"), steps=10, mixed_precision="bf16", norms_in_compute_dtype=False))
-    train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "fast"), steps=10, mixed_precision="bf16", gradient_checkpointing=True))
+    train(
+        config(
+            tmp_path,
+            tiny_dir,
+            output_dir=str(tmp_path / "plain"),
+            steps=10,
+            mixed_precision="bf16",
+            norms_in_compute_dtype=False,
+        )
+    )
+    train(
+        config(
+            tmp_path,
+            tiny_dir,
+            output_dir=str(tmp_path / "fast"),
+            steps=10,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+        )
+    )
     assert losses(tmp_path / "fast") == pytest.approx(losses(tmp_path / "plain"), rel=2e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 autocast norms and CUDA graphs are CUDA paths")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 autocast norms and CUDA graphs are CUDA paths"
+)
 @pytest.mark.parametrize("option", [
     {"norms_in_compute_dtype": False},
     {"compile_unet": True, "compile_mode": "reduce-overhead"},
@@ -298,17 +385,16 @@ def test_cuda_fast_path_options_do_not_change_the_loss_curve(tmp_path, tiny_dir,
 
 
 def test_cpu_convolutions_native_only_for_tiny_convolutions(tmp_path, tiny_dir):
-    from bwl import cpu_convolutions
-    from bwl.study import ROOT
     from bwl.train import TrainingRun
+    from bwl.train.fast import cpu_convolutions
 
     tiny = TrainingRun(config(tmp_path, tiny_dir))
     latents, text, _, _ = tiny.batch(0)
     assert cpu_convolutions.mean_conv_work(tiny.unet, latents, text) < 1e6  # 8x8 latents, 32-64 channels
-    assert tiny.cpu_convolutions == "native"
-    assert TrainingRun(config(tmp_path, tiny_dir, cpu_convolutions="onednn")).cpu_convolutions == "onednn"
-    toy = TrainingRun(config(tmp_path, tiny_dir, model=str(ROOT / "data" / "toy-sd"), resolution=32, batch_size=8))
-    assert toy.cpu_convolutions == "onednn"  # 16x16 latents, 48-96 channels: ~5-8 M multiply-accumulates a call
+    assert tiny.fast.cpu_convolutions == "native"
+    assert TrainingRun(config(tmp_path, tiny_dir, cpu_convolutions="onednn")).fast.cpu_convolutions == "onednn"
+    toy = TrainingRun(config(tmp_path, tiny_dir, model=str(TOY_MODEL), resolution=32, batch_size=8))
+    assert toy.fast.cpu_convolutions == "onednn"  # 16x16 latents, 48-96 channels: ~5-8 M multiply-accumulates a call
 
     before = torch.backends.mkldnn.enabled
     with tiny.kernels():
@@ -326,7 +412,7 @@ def test_channels_last_transformers_hand_back_their_output_without_the_nchw_copy
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from bwl import channels_last
+    from bwl.train.fast import channels_last
 
     class CountClones(TorchDispatchMode):
         def __init__(self):
@@ -350,9 +436,42 @@ def test_channels_last_transformers_hand_back_their_output_without_the_nchw_copy
         return out.detach(), counter.clones
 
     stock, stock_clones = forward_and_backward()
-    assert channels_last.install(unet) == Counter(type(m).__name__ for m in unet.modules())["ChannelsLastTransformer2DModel"] > 0
+    assert (
+        channels_last.install(unet)
+        == Counter(type(m).__name__ for m in unet.modules())["ChannelsLastTransformer2DModel"]
+        > 0
+    )
     assert forward_and_backward()[1] == stock_clones > 0  # outside the block: diffusers' own output, copies and all
     with channels_last.keep_layout():
         kept, kept_clones = forward_and_backward()
     assert kept_clones == 0
     assert torch.allclose(kept, stock, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_compilation_falls_back_to_eager_with_one_warning_and_the_run_finishes(tmp_path, tiny_dir):
+    """As TorchInductor's C++ code generation fails on some CPUs: the step runs eagerly, the config records it, and
+    the adapter is bit-identical to an eager run's (the failed step is redrawn from its seed)."""
+    import warnings
+
+    import torch._dynamo
+
+    def failing_backend(graph, example_inputs):
+        raise AssertionError("forced: codegen/cpp.py store")
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(failing_backend, name="bwl_test_failing")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        final = train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "compiled"), steps=4, compile_unet=True,
+                             compile_backend="bwl_test_failing"))
+    fallbacks = [w for w in caught if "training eagerly instead" in str(w.message)]
+    assert len(fallbacks) == 1 and "AssertionError: forced" in str(fallbacks[0].message)
+    record = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert "AssertionError: forced" in record["compile_fallback"]
+    eager = train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "eager"), steps=4))
+    assert json.loads((tmp_path / "eager" / "config.json").read_text())["compile_fallback"] is None
+    compiled_tensors, eager_tensors = load_file(final), load_file(eager)
+    assert all(torch.equal(compiled_tensors[k], eager_tensors[k]) for k in eager_tensors)
+    from bwl.train.fast.compile import compile_failure
+
+    assert compile_failure(ValueError("a shape error in the model")) is None  # only compile failures fall back

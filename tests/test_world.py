@@ -1,6 +1,14 @@
 import numpy as np
 
-from bwl.world import HELD_OUT_SHAPE, HELD_OUT_STYLE, identity_set, pretraining_batch, render, sample_character, style_set
+from bwl.toy.world import (
+    HELD_OUT_SHAPE,
+    HELD_OUT_STYLE,
+    identity_set,
+    pretraining_batch,
+    render,
+    sample_character,
+    style_set,
+)
 
 
 def test_world_is_deterministic():
@@ -19,18 +27,18 @@ def test_held_out_concepts_never_appear_in_pretraining():
 
 
 def test_probe_reads_fresh_renders_at_97_percent():
-    from bwl.probes import accuracy, load_probe
-    from bwl.toy import PROBE_PATH
+    from bwl.toy.assets import PROBE_PATH
+    from bwl.toy.probes import accuracy, load_probe
 
     readings = accuracy(load_probe(PROBE_PATH), count=128, seed=2024)
     assert min(readings.values()) >= 0.97, readings
 
 
 def test_shipped_model_loads_through_from_pretrained_and_draws_what_the_probe_reads():
-    from bwl.generate import generate
-    from bwl.pipeline import load_pipeline
-    from bwl.probes import load_probe
-    from bwl.toy import PROBE_PATH, TOY_MODEL
+    from bwl.sd.generate import generate
+    from bwl.sd.pipeline import load_pipeline
+    from bwl.toy.assets import PROBE_PATH, TOY_MODEL
+    from bwl.toy.probes import load_probe
 
     pipe = load_pipeline(TOY_MODEL)  # StableDiffusionPipeline.from_pretrained, as for SD 1.4
     assert type(pipe.unet).__name__ == "UNet2DConditionModel" and len(pipe.unet.down_blocks) == 4

@@ -1,0 +1,77 @@
+"""Loading the pipeline the paper samples with (DPM++ 2M Karras, 25 steps, CFG 7)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+PAPER_MODEL = "CompVis/stable-diffusion-v1-4"
+PAPER_STEPS = 25
+PAPER_CFG = 7.0
+
+
+def dpmpp_2m_karras(scheduler_config: dict) -> DPMSolverMultistepScheduler:
+    """DPM++ 2M Karras built on a model's own noise schedule."""
+    return DPMSolverMultistepScheduler.from_config(
+        scheduler_config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+    )
+
+
+@contextmanager
+def quiet_loading(enabled: bool = True) -> Iterator[None]:
+    """No "Loading pipeline components" / "Loading weights" progress bars (loading a local folder takes a second;
+    a hub download keeps its bars)."""
+    if not enabled:
+        yield
+        return
+    was_diffusers, was_transformers = (
+        diffusers_logging.is_progress_bar_enabled(),
+        transformers_logging.is_progress_bar_enabled(),
+    )
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_diffusers:
+            diffusers_logging.enable_progress_bar()
+        if was_transformers:
+            transformers_logging.enable_progress_bar()
+
+
+def load_pipeline(
+    model: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+) -> StableDiffusionPipeline:
+    """Load an SD1.x pipeline from a hub id or a local directory with ``from_pretrained``.
+
+    The sampler is DPM++ 2M Karras; the safety checker is off (bwl studies the model, not its filter).
+    A local directory never touches the network.
+    """
+    if local_files_only is None:
+        local_files_only = Path(model).is_dir()
+    with quiet_loading(Path(model).is_dir()):
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(model),
+            dtype=dtype or torch.float32,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=local_files_only,
+        )
+    pipe.scheduler = dpmpp_2m_karras(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    pipe.unet.requires_grad_(False)
+    if device is not None:
+        pipe.to(device)
+    return pipe

@@ -1,0 +1,116 @@
+"""Tiny SD1.x-shaped pipelines built from configs, saved with ``save_pretrained`` (no downloads).
+
+They have SD1.x's layout: 4 down blocks (cross-attention in the first three), a cross-attention mid block,
+4 up blocks (cross-attention in the last three), 2 layers per block, so every block name, fine block and
+adapter target is the same as in SD 1.4; only the widths are small.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from bwl.sd.pipeline import load_pipeline
+from bwl.sd.tokenizer import word_tokenizer
+
+TINY_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "in",
+    "with",
+    "and",
+    "style",
+    "dog",
+    "cat",
+    "person",
+    "man",
+    "woman",
+    "sks",
+    "ohwx",
+    "toy",
+    "painting",
+    "drawing",
+    "red",
+    "green",
+    "blue",
+    "black",
+    "white",
+    "yellow",
+    "background",
+    "portrait",
+    "cartoon",
+]
+
+SD1_SCHEDULE = dict(  # SD 1.4's scheduler_config
+
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, prediction_type="epsilon",
+)
+
+
+def sd1_unet(
+    block_out_channels: tuple[int, ...] = (32, 32, 64, 64),
+    cross_attention_dim: int = 32,
+    attention_head_dim: int = 8,
+    sample_size: int = 8,
+    in_channels: int = 4,
+    norm_num_groups: int = 32,
+) -> UNet2DConditionModel:
+    """A ``UNet2DConditionModel`` with SD1.x's block layout; the defaults are the tiny test model."""
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=2,
+        block_out_channels=block_out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def full_size_sd1_unet() -> UNet2DConditionModel:
+    """The SD 1.x U-Net architecture (859.5 M parameters), with random weights, for benchmarks."""
+    return sd1_unet((320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+
+
+def build_tiny_pipeline(directory: str | Path, seed: int = 0, words: tuple[str, ...] = TINY_WORDS) -> Path:
+    """Build a random tiny SD1.x pipeline (64 px images, 8x8x4 latents) and ``save_pretrained`` it.
+
+    Returns the directory, which :func:`bwl.pipeline.load_pipeline` loads exactly as it loads SD 1.4.
+    """
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    unet = sd1_unet()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, norm_num_groups=8,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(word_tokenizer(words).get_vocab()), hidden_size=32, intermediate_size=37,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(words), unet=unet,
+        scheduler=PNDMScheduler(**SD1_SCHEDULE), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def tiny_pipeline(directory: str | Path, seed: int = 0) -> StableDiffusionPipeline:
+    """Build (once) and load a tiny pipeline from ``directory`` through ``from_pretrained``."""
+    directory = Path(directory)
+    if not (directory / "model_index.json").exists():
+        build_tiny_pipeline(directory, seed=seed)
+    return load_pipeline(directory)

@@ -1,0 +1,105 @@
+"""Grid cells: the one generate -> score -> save path that the paper's grids and the block sweep share.
+
+A cell is keyed by everything its images depend on: the base model and each adapter by content, the weights, the
+prompts, seeds, sampler steps, guidance scale and size. ``cells/<key>/`` holds ``images.npz``, ``cell.json`` and
+``scores.json``, written last, whose presence marks a complete cell; a rerun reuses complete cells.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from bwl import __version__
+from bwl.adapters.compose import load_adapters, set_block_weights
+from bwl.core.atomic import atomic_path, write_json
+from bwl.core.hashing import config_hash
+from bwl.sd.generate import generate
+from bwl.study.metrics import Estimate, Scores, summarize
+from bwl.study.profile import Profile
+from bwl.study.vocabulary import AdapterKey, Cell, Metric
+
+Scorer = Callable[[Sequence[Image.Image], Sequence[str]], list[Scores]]
+
+
+class CellStore:
+    """The cells of one profile's run, on disk under ``<runs>/cells``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def folder(self, key: str) -> Path:
+        return self.root / key
+
+    def complete(self, key: str) -> bool:
+        return (self.folder(key) / "scores.json").exists()
+
+    def images(self, key: str) -> list[Image.Image]:
+        with np.load(self.folder(key) / "images.npz") as data:
+            return [Image.fromarray(a) for a in data["images"]]
+
+    def scores(self, key: str) -> list[Scores]:
+        return json.loads((self.folder(key) / "scores.json").read_text())
+
+    def save(self, key: str, images: list[Image.Image], description: dict, scores: list[Scores]) -> None:
+        """Images, then the cell's description, then its scores (last: they mark the cell complete)."""
+        folder = self.folder(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=np.stack([np.asarray(img) for img in images]))
+        with atomic_path(folder / "images.npz") as tmp:
+            tmp.write_bytes(buffer.getvalue())
+        write_json(folder / "cell.json", {**description, "bwl_version": __version__})
+        write_json(folder / "scores.json", scores)
+
+
+class CellRenderer:
+    """Generates, scores and saves cells on one loaded pipeline, loading each cell's adapters as it needs them.
+
+    Adapters in ``resident`` stay loaded between cells (the grids' few); others are unloaded after their cell (the
+    sweep's many), so the pipeline never carries more than a cell needs beyond them.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, profile: Profile, store: CellStore, model_fingerprint: str,
+                 files: dict[AdapterKey, Path], file_hashes: dict[AdapterKey, str], scorer: Scorer | None,
+                 resident: Sequence[AdapterKey] = ()):
+        self.pipe, self.profile, self.store, self.scorer = pipe, profile, store, scorer
+        self.model_fingerprint, self.files, self.file_hashes = model_fingerprint, files, file_hashes
+        self.resident = set(resident)
+
+    def key(self, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> str:
+        p = self.profile
+        return config_hash({
+            "model": self.model_fingerprint, "weights": {k: str(w) for k, w in cell.named_weights().items()},
+            "files": {str(k): self.file_hashes[k] for k in cell.weights}, "prompts": list(prompts),
+            "seeds": list(seeds), "steps": p.sample_steps, "cfg": p.guidance_scale, "size": p.resolution,
+        })
+
+    def render(self, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[str, bool]:
+        """The cell's key, and whether it was generated now (False: reused)."""
+        key = self.key(cell, prompts, seeds)
+        if self.store.complete(key):
+            return key, False
+        p = self.profile
+        load_adapters(self.pipe, {str(k): self.files[k] for k in cell.weights})
+        set_block_weights(self.pipe, cell.named_weights())
+        images = generate(self.pipe, prompts, seeds, p.sample_steps, p.guidance_scale, p.batch_size, p.resolution)
+        job_prompts = [prompt for prompt in prompts for _ in seeds]
+        scores = self.scorer(images, job_prompts) if self.scorer is not None else [{} for _ in images]
+        description = {"cell": cell.label, "adapters": {k: str(w) for k, w in cell.named_weights().items()},
+                       "prompts": list(prompts), "seeds": list(seeds), "steps": p.sample_steps,
+                       "cfg": p.guidance_scale, "size": p.resolution}
+        self.store.save(key, images, description, scores)
+        transient = [str(k) for k in cell.weights if k not in self.resident]
+        if transient:
+            self.pipe.delete_adapters(transient)
+        return key, True
+
+    def summary(self, key: str) -> dict[Metric, Estimate]:
+        return summarize(self.store.scores(key))

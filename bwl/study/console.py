@@ -1,0 +1,33 @@
+"""Progress lines of the study: into the notebook, and under the runner also to its console, one per stage,
+adapter and grid (the notebooks' tables and plots stay in the executed notebooks)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+CONSOLE_ENV = "BWL_CONSOLE"  # set by the runner for the kernels it starts (they inherit its environment)
+
+
+def log(line: str) -> None:
+    """Print ``line``; inside a kernel started by the runner, also write it to the runner's console."""
+    print(line, flush=True)
+    if os.environ.get(CONSOLE_ENV) and sys.stdout is not sys.__stdout__ and sys.__stdout__ is not None:
+        sys.__stdout__.write(f"    {line}\n")
+        sys.__stdout__.flush()
+
+
+@contextmanager
+def console_for_kernels() -> Iterator[None]:
+    """Within this block, kernels started by this process echo :func:`log` lines to its console."""
+    previous = os.environ.get(CONSOLE_ENV)
+    os.environ[CONSOLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[CONSOLE_ENV]
+        else:
+            os.environ[CONSOLE_ENV] = previous

@@ -1,0 +1,128 @@
+"""The paper's claims C1–C3 decided from the results table, so the README's verdicts are recomputed, not typed.
+
+A cell *beats* another when it is not worse on identity or style fidelity and better on at least one, where better
+means the 95 % confidence intervals do not overlap (a conservative test); otherwise the comparison is a trade-off
+or a tie. ``python -m bwl findings`` prints the markdown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bwl.study.results import CellResult
+from bwl.study.vocabulary import (
+    BLOCKWISE_INFERENCE,
+    FIDELITY,
+    FULL_ID_BOTTOM_STYLE,
+    FULL_ID_FULL_STYLE,
+    FULL_ID_MIDDLE_STYLE,
+    FULL_ID_UPPER_STYLE,
+    FULL_ID_UPPER_TRAINED_STYLE,
+    UPPER_ID_FULL_STYLE,
+    UPPER_ID_UPPER_STYLE,
+    Metric,
+)
+
+Pair = tuple[str, str, str]  # (grid, cell, the cell it is compared with)
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    text: str
+    pairs: tuple[Pair, ...]
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("C1", "full ID + block-wise style beats plain LoRA/LoCon and block-wise inference", tuple(
+        (grid, FULL_ID_UPPER_TRAINED_STYLE, other)
+        for grid in ("fig2", "fig3") for other in (FULL_ID_FULL_STYLE, BLOCKWISE_INFERENCE)
+    )),
+    Claim("C2", "full ID + block-wise style beats block-wise-ID combinations", (
+        ("fig4a", FULL_ID_UPPER_STYLE, UPPER_ID_FULL_STYLE),
+        ("fig4a", FULL_ID_UPPER_STYLE, UPPER_ID_UPPER_STYLE),
+    )),
+    Claim("C3", "style trained on upper > middle > bottom", (
+        ("fig4b", FULL_ID_UPPER_STYLE, FULL_ID_MIDDLE_STYLE),
+        ("fig4b", FULL_ID_MIDDLE_STYLE, FULL_ID_BOTTOM_STYLE),
+    )),
+)
+@dataclass
+class Comparison:
+    grid: str
+    cell: str
+    other: str
+    deltas: dict[Metric, float]
+    better: list[Metric]
+    worse: list[Metric]
+
+    @property
+    def verdict(self) -> str:
+        if self.better and not self.worse:
+            return "beats"
+        if self.worse and not self.better:
+            return "loses"
+        return "trade-off" if self.better else "tie"
+
+
+def _find(results: list[CellResult], grid: str, cell: str) -> CellResult:
+    found = [r for r in results if (r.grid, r.cell) == (grid, cell)]
+    if not found:
+        cells = sorted(r.cell for r in results if r.grid == grid)
+        raise KeyError(f"{grid}: no cell {cell!r} in the results; cells: {cells}")
+    return found[0]
+
+
+def compare(results: list[CellResult], grid: str, cell: str, other: str) -> Comparison:
+    """``cell`` against ``other`` in ``grid`` on identity and style fidelity."""
+    a, b = _find(results, grid, cell), _find(results, grid, other)
+    better, worse, deltas = [], [], {}
+    for metric in FIDELITY:
+        x, y = a[metric], b[metric]
+        deltas[metric] = x.mean - y.mean
+        if x.mean - x.ci > y.mean + y.ci:
+            better.append(metric)
+        elif y.mean - y.ci > x.mean + x.ci:
+            worse.append(metric)
+    return Comparison(grid, cell, other, deltas, better, worse)
+
+
+def claim_verdict(comparisons: list[Comparison]) -> str:
+    verdicts = {c.verdict for c in comparisons}
+    if verdicts == {"beats"}:
+        return "holds"
+    if "beats" in verdicts or "trade-off" in verdicts:
+        return "partly"
+    return "does not hold"
+
+
+def findings_markdown(results: list[CellResult]) -> str:
+    """One table per claim: each comparison's identity and style differences and its verdict."""
+    lines = []
+    for claim in CLAIMS:
+        comparisons = [compare(results, *pair) for pair in claim.pairs]
+        lines += [f"**{claim.name}: {claim.text}: {claim_verdict(comparisons)}.**", "",
+                  "| grid | cell | vs | Δ identity | Δ style | verdict |", "|---|---|---|---|---|---|"]
+        for c in comparisons:
+            a, b = _find(results, c.grid, c.cell), _find(results, c.grid, c.other)
+            cells = [f"{a[m]} vs {b[m]} ({c.deltas[m]:+.2f})" for m in FIDELITY]
+            lines.append(f"| {c.grid} | {c.cell} | {c.other} | {cells[0]} | {cells[1]} | {c.verdict} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def decidable(results: list[CellResult]) -> bool:
+    """Whether the results hold every compared cell with fidelity scores (a probe-scored run of all four grids)."""
+    try:
+        return all(_find(results, grid, cell)[Metric.IDENTITY].n for claim in CLAIMS for grid, *cells in claim.pairs
+                   for cell in cells)
+    except KeyError:
+        return False
+
+
+def findings_report(results: list[CellResult]) -> str:
+    """The findings' markdown, or why this run cannot decide them."""
+    if decidable(results):
+        return findings_markdown(results)
+    return ("No findings for this run: deciding C1-C3 needs all four grids scored on identity and style fidelity "
+            "(the `toy` profile's probe metrics); this run's metrics are missing or its grids incomplete.")

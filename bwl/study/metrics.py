@@ -1,0 +1,96 @@
+"""The metrics of a cell (:class:`~bwl.study.vocabulary.Metric`): per-image scores, summarized as means with 95 %
+confidence intervals. ``metrics: probe`` reads them off the toy world's images with its probe:
+
+- identity fidelity: the fraction of the identity's attributes (shape, color, hat, eyes) present;
+- style fidelity: the probe's probability of the held-out style;
+- prompt fidelity: the fraction of prompt-asked attributes that differ from the training data (e.g. a background)
+  present;
+- base preservation: for prompts without a trigger, the fraction of asked attributes present.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from bwl.data.datasets import split_tags
+from bwl.study.vocabulary import METRICS, Metric
+from bwl.toy.assets import PROBE_PATH
+from bwl.toy.probes import Probe, load_probe
+from bwl.toy.world import HELD_OUT_STYLE, IDENTITY, IDENTITY_BACKGROUNDS, IDENTITY_TRIGGER, STYLE_TRIGGER, tag_attribute
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean, the half-width of its 95 % confidence interval, and the number of values behind it."""
+
+    mean: float
+    ci: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.ci:.2f}" if self.n else "–"
+
+
+def mean_ci(values: Sequence[float]) -> Estimate:
+    """Mean and the half-width of its normal-approximation 95 % confidence interval."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return Estimate(math.nan, math.nan, 0)
+    ci = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return Estimate(float(values.mean()), float(ci), len(values))
+
+
+def asked_attributes(prompt: str) -> dict[str, str]:
+    """World attributes a prompt asks for, by its tags."""
+    return dict(a for a in (tag_attribute(t) for t in split_tags(prompt)) if a is not None)
+
+
+def has_trigger(prompt: str) -> bool:
+    return any(t.split()[0] in (IDENTITY_TRIGGER, STYLE_TRIGGER) for t in split_tags(prompt))
+
+
+Scores = dict[str, float]  # one image's scores by metric name; metrics that do not apply to its prompt are absent
+
+
+def probe_scores(probe: Probe, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[Scores]:
+    """Per image, the metrics that apply to its prompt (others absent)."""
+    readings = probe.read(images)
+    style_index = probe.attributes["style"].index(HELD_OUT_STYLE)
+    style_probability = probe.probabilities(images)["style"][:, style_index]
+    scores = []
+    for i, (reading, prompt) in enumerate(zip(readings, prompts)):
+        asked = asked_attributes(prompt)
+        score: Scores = {}
+        tags = [t.split()[0] for t in split_tags(prompt)]
+        if IDENTITY_TRIGGER in tags:
+            score[Metric.IDENTITY.value] = float(np.mean([reading[k] == v for k, v in IDENTITY.items()]))
+        if STYLE_TRIGGER in tags:
+            score[Metric.STYLE.value] = float(style_probability[i])
+        if has_trigger(prompt):
+            novel = {k: v for k, v in asked.items() if not (k == "background" and v in IDENTITY_BACKGROUNDS)}
+            if novel:
+                score[Metric.PROMPT.value] = float(np.mean([reading[k] == v for k, v in novel.items()]))
+        elif asked:
+            score[Metric.PRESERVATION.value] = float(np.mean([reading[k] == v for k, v in asked.items()]))
+        scores.append(score)
+    return scores
+
+
+def summarize(scores: Sequence[Scores]) -> dict[Metric, Estimate]:
+    """Each metric's mean and CI over the images it applies to."""
+    return {m: mean_ci([s[m.value] for s in scores if m.value in s]) for m in METRICS}
+
+
+def scorer(suite: str) -> Callable[[Sequence[Image.Image], Sequence[str]], list[Scores]] | None:
+    """The profile's ``metrics``: ``probe`` (the toy world's probe reads each image) or ``none`` (figures only)."""
+    if suite == "none":
+        return None
+    if suite == "probe":
+        probe = load_probe(PROBE_PATH)
+        return lambda images, prompts: probe_scores(probe, images, prompts)
+    raise ValueError(f"unknown metrics suite {suite!r}; valid: probe, none")

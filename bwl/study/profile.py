@@ -1,0 +1,112 @@
+"""Profiles: one study setting each, as a small YAML file in ``bwl/study/profiles/`` ("the defaults, except…").
+
+A run is ``defaults + one profile + overrides`` and nothing else; unknown keys are refused with their names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bwl.core.config import ConfigError, build, read_file
+from bwl.study.vocabulary import GRIDS
+from bwl.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = Path(__file__).resolve().parent / "profiles"
+TAGGERS = ("wd14", "toy", "none")
+METRIC_SUITES = ("probe", "none")
+# TrainConfig keys that each grid adapter sets itself (its method, blocks, concept data and trigger) or that the
+# study owns (where runs go, resuming): a profile's ``train:`` entry may not set them.
+GRID_OWNED_TRAIN_KEYS = ("method", "blocks", "trigger", "class_word", "instance_dir", "reg_dir", "model",
+                         "resolution", "seed", "output_dir", "resume", "stop_after")
+
+
+@dataclass
+class Profile:
+    """One study setting. Keys not listed here are refused with their names."""
+
+    name: str = "toy"
+    model: str = "data/toy-sd"
+    build_tiny: bool = False
+    resolution: int = 32
+    concepts: str = "toy"
+    identity_dir: str = ""
+    style_dir: str = ""
+    identity_trigger: str = "zkc"
+    style_trigger: str = "qrv"
+    class_word: str = ""
+    tagger: str = "toy"
+    tagger_model: str = ""
+    blacklist_identity: list[str] = field(default_factory=list)
+    blacklist_style: list[str] = field(default_factory=list)
+    reg_count: int = 0
+    reg_prompt: str = ""
+    train: dict = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    sample_steps: int = 25
+    guidance_scale: float = 7.0
+    batch_size: int = 40
+    grids: list[str] = field(default_factory=lambda: list(GRIDS))
+    figure_rows: int = 4
+    figures_dir: str = "figures"
+    runs_dir: str = ""
+    metrics: str = "probe"
+    sweep_pairs: bool = True
+    sweep_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    train_workers: int = 1  # adapters trained at once, in separate processes sharing the CPU threads (CPU only)
+
+    def path(self, value: str) -> Path:
+        """A profile path, relative to the repository root unless absolute."""
+        p = Path(value)
+        return p if p.is_absolute() else ROOT / p
+
+    @property
+    def out(self) -> Path:
+        """Where this profile's data, adapters, cells and executed notebooks go."""
+        return self.path(self.runs_dir or f"runs/{self.name}")
+
+    @property
+    def figures(self) -> Path:
+        return self.path(self.figures_dir)
+
+    @property
+    def model_location(self) -> str | Path:
+        """The base model: a local directory (relative to the repository) or a hub id."""
+        return self.path(self.model) if (ROOT / self.model).exists() or self.build_tiny else self.model
+
+    def trigger(self, concept: str) -> str:
+        return self.identity_trigger if concept == "identity" else self.style_trigger
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(profile: Profile, source: str) -> None:
+    owned = [k for k in profile.train if k in GRID_OWNED_TRAIN_KEYS]
+    if owned:
+        raise ConfigError(
+            f"{source}: train: {', '.join(map(repr, owned))} is set by each grid adapter, not the profile "
+            f"(keys the grid owns: {', '.join(GRID_OWNED_TRAIN_KEYS)})"
+        )
+    build(TrainConfig, dict(profile.train), source=f"{source}: train")
+    unknown = [g for g in profile.grids if g not in GRIDS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown grid(s) {unknown}; valid: {', '.join(GRIDS)}")
+    for key, valid in (("tagger", TAGGERS), ("metrics", METRIC_SUITES)):
+        if getattr(profile, key) not in valid:
+            raise ConfigError(f"{source}: {key}={getattr(profile, key)!r} is not one of {', '.join(valid)}")
+
+
+def load_profile(name: str = "toy", overrides: dict | None = None) -> Profile:
+    """``bwl/study/profiles/<name>.yaml`` (or a YAML path) plus overrides; unknown keys raise naming them."""
+    path = Path(name) if name.endswith((".yaml", ".yml", ".json")) else PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise ConfigError(f"unknown profile {name!r}; valid: {valid} (or a path to a YAML file)")
+    values = {"name": path.stem, **read_file(path), **(overrides or {})}
+    profile = build(Profile, values, source=f"profile {path.name}")
+    _check(profile, f"profile {path.name}")
+    return profile

@@ -1,0 +1,67 @@
+"""The results table: one row per grid column with every metric's mean, 95 % CI and count, written as
+``results.csv`` (for tools), ``results.md`` (for people) and ``results.json`` (with the profile that made it)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from bwl import __version__
+from bwl.core.atomic import atomic_path, write_json, write_text
+from bwl.study.metrics import Estimate
+from bwl.study.vocabulary import METRICS, Metric
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One grid column's metrics."""
+
+    grid: str
+    cell: str
+    key: str  # the cell's folder under cells/
+    estimates: dict[Metric, Estimate]
+
+    def __getitem__(self, metric: Metric) -> Estimate:
+        return self.estimates[metric]
+
+    def row(self) -> dict[str, str | float | int]:
+        values: dict[str, str | float | int] = {"grid": self.grid, "cell": self.cell, "key": self.key}
+        values |= {m.value: self[m].mean for m in METRICS}
+        values |= {f"{m.value}_ci": self[m].ci for m in METRICS}
+        values |= {f"{m.value}_n": self[m].n for m in METRICS}
+        return values
+
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> CellResult:
+        estimates = {m: Estimate(float(row[m.value]), float(row[f"{m.value}_ci"]), int(row[f"{m.value}_n"]))
+                     for m in METRICS}
+        return cls(row["grid"], row["cell"], row["key"], estimates)
+
+
+def results_markdown(results: list[CellResult]) -> str:
+    """The results as a markdown table: mean ± 95 % CI per metric."""
+    lines = ["| grid | cell | " + " | ".join(m.value for m in METRICS) + " |", "|" + "---|" * (2 + len(METRICS))]
+    lines += [f"| {r.grid} | {r.cell} | " + " | ".join(str(r[m]) for m in METRICS) + " |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(folder: Path, results: list[CellResult], profile: dict) -> Path:
+    """``results.csv``, ``results.md`` and ``results.json`` in ``folder``; returns the CSV's path."""
+    rows = [r.row() for r in results]
+    with atomic_path(folder / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text(folder / "results.md", results_markdown(results))
+    write_json(folder / "results.json", {"profile": profile, "rows": rows, "bwl_version": __version__})
+    return folder / "results.csv"
+
+
+def read_results(folder: Path) -> list[CellResult]:
+    """The rows of ``results.csv`` in ``folder``."""
+    path = folder / "results.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no results yet; run the grids first (notebook 03 or python -m bwl run)")
+    with open(path, newline="") as f:
+        return [CellResult.from_row(row) for row in csv.DictReader(f)]

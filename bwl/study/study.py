@@ -1,0 +1,162 @@
+"""The study of one profile, stage by stage: data -> adapters -> grid cells -> results -> findings.
+
+Each stage reuses what exists: adapters are keyed by their resolved config and data (:mod:`bwl.study.runs`), cells
+by their model, adapters, prompts and seeds (:mod:`bwl.study.cells`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from bwl.core.atomic import write_json, write_text
+from bwl.core.hashing import file_hash, fingerprint
+from bwl.data.captions import write_captions
+from bwl.data.datasets import Prepared, prepare_folder
+from bwl.data.regularization import generate_regularization
+from bwl.data.tagging import Tagger, make_tagger
+from bwl.sd.pipeline import load_pipeline
+from bwl.sd.tiny import build_tiny_pipeline
+from bwl.study import runs
+from bwl.study.cells import CellRenderer, CellStore
+from bwl.study.console import log
+from bwl.study.findings import decidable, findings_markdown
+from bwl.study.metrics import scorer
+from bwl.study.profile import Profile
+from bwl.study.results import CellResult, read_results, write_results
+from bwl.study.vocabulary import GRIDS, AdapterKey, Concept, Grid, adapters_of
+from bwl.study.workers import Log, train_adapters
+from bwl.toy.assets import write_concept
+from bwl.toy.tagger import ToyTagger
+from bwl.train.config import TrainConfig
+
+
+class Study:
+    """One profile's study: data -> adapters -> grid images -> metrics -> figures, each stage reusing what exists."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.out = profile.out
+        self.model = profile.model_location
+        self.cells = CellStore(self.out / "cells")
+        self._fingerprints: dict[Path, str] = {}
+
+    def _fingerprint(self, folder: Path) -> str:
+        if folder not in self._fingerprints:
+            self._fingerprints[folder] = fingerprint(folder)
+        return self._fingerprints[folder]
+
+    @property
+    def model_fingerprint(self) -> str:
+        """The base model by content (a hash of its local files) or by hub id, so that adapters and cells made
+        with other weights under the same name are never reused."""
+        return self._fingerprint(Path(self.model)) if Path(self.model).is_dir() else str(self.model)
+
+    # ----- data --------------------------------------------------------------------------------------------------
+
+    def concept_dir(self, concept: Concept | str) -> Path:
+        return self.out / "data" / Concept(concept).value
+
+    @property
+    def reg_dir(self) -> Path | None:
+        return self.out / "data" / "reg" if self.profile.reg_count else None
+
+    def tagger(self) -> Tagger:
+        p = self.profile
+        return ToyTagger(p.tagger_model or None) if p.tagger == "toy" else make_tagger(p.tagger, p.tagger_model or None)
+
+    def prepare_data(self) -> dict[Concept, list[Prepared]]:
+        """Images into ``runs/<profile>/data/{identity,style}``, tagged and corrected; reg images if asked."""
+        p = self.profile
+        if p.build_tiny and not (Path(self.model) / "model_index.json").exists():
+            build_tiny_pipeline(self.model)
+        reports: dict[Concept, list[Prepared]] = {}
+        tagger = self.tagger()
+        for concept, blacklist in ((Concept.IDENTITY, p.blacklist_identity), (Concept.STYLE, p.blacklist_style)):
+            folder = self.concept_dir(concept)
+            if p.concepts == "toy":
+                write_concept(folder, concept.value)
+                reports[concept] = []
+            else:
+                source = p.path(getattr(p, f"{concept.value}_dir"))
+                reports[concept] = prepare_folder(source, folder, resolution=max(p.resolution, 512))
+            class_word = p.class_word if concept is Concept.IDENTITY else ""
+            write_captions(folder, tagger, p.trigger(concept.value), class_word, blacklist=blacklist)
+        if self.reg_dir is not None:
+            generate_regularization(load_pipeline(self.model), self.reg_dir, p.reg_prompt, p.reg_count, p.resolution)
+        write_json(self.out / "data" / "profile.json", p.to_dict())
+        log("data: " + ", ".join(f"{c.value} {len(list(self.concept_dir(c).glob('*.txt')))} captioned images"
+                                 for c in Concept) + (f", {p.reg_count} regularization images" if p.reg_count else ""))
+        self._fingerprints.clear()  # the data may have changed
+        return reports
+
+    # ----- adapters ----------------------------------------------------------------------------------------------
+
+    def grids(self) -> list[Grid]:
+        return [GRIDS[name] for name in self.profile.grids]
+
+    def needed_adapters(self) -> list[AdapterKey]:
+        return adapters_of(self.grids())
+
+    def train_config(self, key: AdapterKey) -> TrainConfig:
+        """The resolved ``TrainConfig`` of one adapter, its ``output_dir`` keyed by everything that can change it."""
+        instance_dir = self.concept_dir(key.concept)
+        reg_dir = self.reg_dir if key.concept is Concept.IDENTITY else None
+        config = runs.train_config(self.profile, key, instance_dir, reg_dir)
+        contents = {"model": self.model_fingerprint, "instance_dir": self._fingerprint(instance_dir)}
+        if config.reg_dir is not None:
+            contents["reg_dir"] = self._fingerprint(Path(config.reg_dir))
+        return runs.keyed(config, key, self.out / "adapters", contents)
+
+    def adapter_files(self, keys: list[AdapterKey] | None = None) -> dict[AdapterKey, Path]:
+        keys = self.needed_adapters() if keys is None else keys
+        return {k: Path(self.train_config(k).output_dir) / "adapter.safetensors" for k in keys}
+
+    def train_all(self, keys: list[AdapterKey] | None = None, log: Log = log) -> dict[AdapterKey, Path]:
+        """Train every adapter the grids need (or ``keys``); ones whose config and data are unchanged are reused."""
+        keys = self.needed_adapters() if keys is None else keys
+        configs = {key: self.train_config(key) for key in keys}
+        todo = {key: config for key, config in configs.items()
+                if not (Path(config.output_dir) / "adapter.safetensors").exists()}
+        log(f"adapters: {len(keys) - len(todo)} of {len(keys)} reused (same config and data), {len(todo)} to train")
+        train_adapters(todo, self.profile.train_workers, log)
+        return {key: Path(config.output_dir) / "adapter.safetensors" for key, config in configs.items()}
+
+    # ----- cells -------------------------------------------------------------------------------------------------
+
+    def renderer(self, keys: list[AdapterKey], resident: list[AdapterKey] | None = None) -> CellRenderer:
+        """A :class:`CellRenderer` on a freshly loaded pipeline for cells made of these adapters (all trained)."""
+        files = self.adapter_files(keys)
+        missing = [str(k) for k, f in files.items() if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"adapters not trained yet: {missing}; run the training step first")
+        hashes = {k: file_hash(f) for k, f in files.items()}
+        return CellRenderer(load_pipeline(self.model), self.profile, self.cells, self.model_fingerprint, files,
+                            hashes, scorer(self.profile.metrics), keys if resident is None else resident)
+
+    def run_grids(self, log: Log = log) -> Path:
+        """Generate every column of every grid (same prompts and seeds everywhere, batched), score it, and write the
+        results table (and the findings, where the run decides them)."""
+        p = self.profile
+        renderer = self.renderer(self.needed_adapters())
+        results = []
+        for grid in self.grids():
+            made = 0
+            for column in grid.columns():
+                key, generated = renderer.render(column, p.prompts, p.seeds)
+                made += generated
+                results.append(CellResult(grid.name, column.label, key, renderer.summary(key)))
+            count = len(grid.columns())
+            log(f"{grid.name}: {count} cells, {made} generated ({len(p.prompts) * len(p.seeds)} images each), "
+                f"{count - made} reused")
+        path = write_results(p.figures, results, p.to_dict())
+        if decidable(results):
+            write_text(p.figures / "findings.md", findings_markdown(results))
+        return path
+
+    def results(self) -> list[CellResult]:
+        return read_results(self.profile.figures)
+
+    def cell_images(self, key: str) -> list[Image.Image]:
+        return self.cells.images(key)

@@ -1,0 +1,88 @@
+"""The block sweep (the paper's open question 1): a style LoCon trained on each paper block and each pair of blocks,
+each combined with the full-block LoCon identity, generated and scored through the grids' cell path."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+from bwl.adapters.blocks import PAPER_BLOCKS, parse_blocks
+from bwl.core.atomic import atomic_path
+from bwl.study.console import log
+from bwl.study.metrics import Estimate
+from bwl.study.study import Study
+from bwl.study.vocabulary import Cell, Metric, cell, identity, style
+from bwl.study.workers import Log
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Identity and style fidelity of full ID + a style trained on ``spec``."""
+
+    spec: str
+    identity: Estimate
+    style: Estimate
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        return parse_blocks(self.spec)
+
+    def row(self) -> dict[str, str | float | int]:
+        return {"blocks": self.spec, "identity": self.identity.mean, "style": self.style.mean,
+                "identity_ci": self.identity.ci, "style_ci": self.style.ci,
+                "identity_n": self.identity.n, "style_n": self.style.n}
+
+
+def sweep_specs(pairs: bool = True) -> list[str]:
+    """Every single paper block, then every pair of them."""
+    return list(PAPER_BLOCKS) + ([f"{a}+{b}" for a, b in combinations(PAPER_BLOCKS, 2)] if pairs else [])
+
+
+def sweep_cells(pairs: bool = True) -> list[Cell]:
+    return [cell(f"full ID + style on {spec}", (identity("locon"), 1.0), (style("locon", spec), 1.0))
+            for spec in sweep_specs(pairs)]
+
+
+def run_sweep(study: Study, log: Log = log) -> Path:
+    """Train what is missing, render every sweep cell (prompts with the style trigger, ``sweep_seeds``) and write
+    ``sweep.csv`` to the figures folder."""
+    p = study.profile
+    cells = sweep_cells(p.sweep_pairs)
+    keys = [identity("locon")] + [k for c in cells for k in c.weights if k != identity("locon")]
+    study.train_all(keys, log)
+    renderer = study.renderer(keys, resident=[identity("locon")])
+    prompts = [q for q in p.prompts if p.style_trigger in q]
+    results = []
+    for column, spec in zip(cells, sweep_specs(p.sweep_pairs)):
+        key, _ = renderer.render(column, prompts, p.sweep_seeds)
+        summary = renderer.summary(key)
+        results.append(SweepResult(spec, summary[Metric.IDENTITY], summary[Metric.STYLE]))
+        log(f"sweep {spec}: identity {results[-1].identity}, style {results[-1].style}")
+    return write_sweep(p.figures / "sweep.csv", results)
+
+
+def write_sweep(path: Path, results: list[SweepResult]) -> Path:
+    rows = [r.row() for r in results]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_sweep(path: Path) -> list[SweepResult]:
+    """A ``sweep.csv`` (counts default to 0 in files written before they were recorded)."""
+    with open(path, newline="") as f:
+        return [SweepResult(r["blocks"], *(Estimate(float(r[m]), float(r[f"{m}_ci"]), int(r.get(f"{m}_n") or 0))
+                                           for m in ("identity", "style"))) for r in csv.DictReader(f)]
+
+
+def pareto_front(results: list[SweepResult]) -> list[SweepResult]:
+    """Specs no other spec matches or beats on both identity and style (by mean)."""
+    def dominated(r: SweepResult) -> bool:
+        return any(o.identity.mean >= r.identity.mean and o.style.mean >= r.style.mean
+                   and (o.identity.mean, o.style.mean) != (r.identity.mean, r.style.mean) for o in results)
+    return [r for r in results if not dominated(r)]
+

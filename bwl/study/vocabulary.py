@@ -1,0 +1,163 @@
+"""The study's vocabulary, defined once: concepts, adapter keys, grid cells, the paper's grids and the metrics.
+
+An adapter the study trains is an :class:`AdapterKey` (concept, method, blocks, training seed, concept id); a
+column of a grid is a :class:`Cell` (a label and the adapters it combines, each at a scale or on some blocks);
+a :class:`Grid` is one paper figure. Findings, quality gates and figures import these; nothing parses names back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from bwl.adapters.blocks import format_blocks, parse_blocks
+from bwl.adapters.spec import METHODS
+
+
+class Concept(str, Enum):
+    """What an adapter learns: the identity (a subject) or the style."""
+
+    IDENTITY = "identity"
+    STYLE = "style"
+
+    @property
+    def short(self) -> str:
+        return "id" if self is Concept.IDENTITY else "style"
+
+
+class Metric(str, Enum):
+    """A per-image score; each is reported as a mean with a 95 % confidence interval (:mod:`bwl.study.metrics`)."""
+
+    IDENTITY = "identity"  # the identity's look is present
+    STYLE = "style"  # the style is present
+    PROMPT = "prompt"  # what the prompt asks beyond the training data is present
+    PRESERVATION = "preservation"  # prompts without a trigger still work as in the base model
+
+
+METRICS: tuple[Metric, ...] = tuple(Metric)
+FIDELITY: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE)  # what the paper's claims compare
+
+
+@dataclass(frozen=True, order=True)
+class AdapterKey:
+    """One adapter of the study. ``blocks`` is a block spec, stored canonically (``"IN0+OUT3"`` becomes ``upper``)."""
+
+    concept: Concept
+    method: str
+    blocks: str = "all"
+    seed: int = 0  # training seed
+    concept_id: str = ""  # which identity or style, where a profile has several ("" = its one)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "concept", Concept(self.concept))
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        object.__setattr__(self, "blocks", format_blocks(parse_blocks(self.blocks)))
+
+    def __str__(self) -> str:
+        """A readable name for logs and folders, e.g. ``id_locon_all`` or ``style_lora_upper_s1``."""
+        parts = [self.concept.short, self.method, self.blocks]
+        parts += [self.concept_id] if self.concept_id else []
+        parts += [f"s{self.seed}"] if self.seed else []
+        return "_".join(parts)
+
+
+def identity(method: str, blocks: str = "all") -> AdapterKey:
+    return AdapterKey(Concept.IDENTITY, method, blocks)
+
+
+def style(method: str, blocks: str = "all") -> AdapterKey:
+    return AdapterKey(Concept.STYLE, method, blocks)
+
+
+Weight = float | str  # a scale for the whole adapter, or a block spec / LBW vector (block-wise inference)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One column of a grid: the adapters combined, each with its weight."""
+
+    label: str
+    adapters: tuple[tuple[AdapterKey, Weight], ...] = field(default=())
+
+    @property
+    def weights(self) -> dict[AdapterKey, Weight]:
+        return dict(self.adapters)
+
+    def named_weights(self) -> dict[str, Weight]:
+        """The weights by adapter name, as the pipeline knows the loaded adapters."""
+        return {str(key): weight for key, weight in self.adapters}
+
+
+def cell(label: str, *adapters: tuple[AdapterKey, Weight]) -> Cell:
+    return Cell(label, tuple(adapters))
+
+
+# The cells' labels, as figures and tables show them.
+BASE, ID_ALONE, STYLE_ALONE = "base", "ID alone", "style alone"
+FULL_ID_FULL_STYLE = "full ID + full style"
+BLOCKWISE_INFERENCE = "full ID + full style, inference on upper"
+FULL_ID_UPPER_TRAINED_STYLE = "full ID + upper-trained style"
+UPPER_ID_FULL_STYLE = "upper ID + full style"
+UPPER_ID_UPPER_STYLE = "upper ID + upper style"
+FULL_ID_UPPER_STYLE = "full ID + upper style"
+FULL_ID_MIDDLE_STYLE = "full ID + middle style"
+FULL_ID_BOTTOM_STYLE = "full ID + bottom style"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One paper figure: its adapter method and its cells, after the reference columns."""
+
+    name: str
+    method: str
+    cells: tuple[Cell, ...]
+
+    def references(self) -> tuple[Cell, ...]:
+        """The base model and each full adapter alone."""
+        m = self.method
+        return cell(BASE), cell(ID_ALONE, (identity(m), 1.0)), cell(STYLE_ALONE, (style(m), 1.0))
+
+    def columns(self) -> tuple[Cell, ...]:
+        """References first, then the paper's cells."""
+        return self.references() + self.cells
+
+    def column(self, label: str) -> Cell:
+        found = [c for c in self.columns() if c.label == label]
+        if not found:
+            raise KeyError(f"{self.name}: no cell {label!r}; cells: {[c.label for c in self.columns()]}")
+        return found[0]
+
+
+def _method_grid(name: str, m: str) -> Grid:
+    """fig2 (LoRA) and fig3 (LoCon): plain combination, block-wise inference, block-wise-trained style."""
+    return Grid(name, m, (
+        cell(FULL_ID_FULL_STYLE, (identity(m), 1.0), (style(m), 1.0)),
+        cell(BLOCKWISE_INFERENCE, (identity(m), 1.0), (style(m), "upper")),
+        cell(FULL_ID_UPPER_TRAINED_STYLE, (identity(m), 1.0), (style(m, "upper"), 1.0)),
+    ))
+
+
+GRIDS: dict[str, Grid] = {g.name: g for g in (
+    _method_grid("fig2", "lora"),
+    _method_grid("fig3", "locon"),
+    Grid("fig4a", "locon", (
+        cell(UPPER_ID_FULL_STYLE, (identity("locon", "upper"), 1.0), (style("locon"), 1.0)),
+        cell(UPPER_ID_UPPER_STYLE, (identity("locon", "upper"), 1.0), (style("locon", "upper"), 1.0)),
+        cell(FULL_ID_UPPER_STYLE, (identity("locon"), 1.0), (style("locon", "upper"), 1.0)),
+    )),
+    Grid("fig4b", "locon", (
+        cell(FULL_ID_UPPER_STYLE, (identity("locon"), 1.0), (style("locon", "upper"), 1.0)),
+        cell(FULL_ID_MIDDLE_STYLE, (identity("locon"), 1.0), (style("locon", "middle"), 1.0)),
+        cell(FULL_ID_BOTTOM_STYLE, (identity("locon"), 1.0), (style("locon", "bottom"), 1.0)),
+    )),
+)}
+
+
+def adapters_of(grids: list[Grid] | tuple[Grid, ...]) -> list[AdapterKey]:
+    """Every adapter these grids' columns use, in first-use order."""
+    keys: list[AdapterKey] = []
+    for grid in grids:
+        for column in grid.columns():
+            keys += [k for k, _ in column.adapters if k not in keys]
+    return keys

@@ -1,0 +1,91 @@
+"""Everything that determines a training run, as one dataclass (flat, so YAML files and the CLI set it directly)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bwl.adapters.spec import AdapterSpec
+from bwl.sd.pipeline import PAPER_MODEL
+from bwl.train.fast import cpu_convolutions
+
+# Fields that change where a run writes, how often it reports or saves, or whether it continues, but not the adapter
+# it trains (checkpoints restore exactly, so saving them changes nothing). Every other field is part of a run's key.
+RESULT_NEUTRAL_FIELDS = frozenset({"output_dir", "resume", "stop_after", "log_every", "checkpoint_every",
+                                   "keep_checkpoints", "sample_every", "sample_prompts"})
+CHOICES = {"optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16"),
+           "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+           "cpu_convolutions": cpu_convolutions.CHOICES}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run. Defaults are the paper's (the learning rate is ours)."""
+
+    output_dir: str = "runs/train"
+    model: str = PAPER_MODEL
+    instance_dir: str = "data/identity"
+    trigger: str = "sks"
+    class_word: str = ""
+    repeats: int = 25
+    reg_dir: str | None = None
+    prior_loss_weight: float = 1.0
+    method: Literal["lora", "locon"] = "lora"
+    blocks: str = "all"
+    rank: int = 4
+    alpha: float | None = None
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    block_ranks: dict[str, int] = field(default_factory=dict)
+    resolution: int = 512
+    random_flip: bool = False
+    random_crop: bool = False
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
+    caption_dropout: float = 0.0
+    steps: int = 11000
+    batch_size: int = 2
+    learning_rate: float = 1e-4  # the paper gives none; 1e-4 is the common LoRA DreamBooth value
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    channels_last: bool | None = None  # None: on for CUDA, off on CPU (where it is slower)
+    compile_unet: bool = False  # TorchInductor; a compile failure falls back to eager with a warning (fast.compile)
+    compile_backend: str = "inductor"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    norms_in_compute_dtype: bool = True  # under mixed precision, GroupNorm/LayerNorm in bf16/fp16 (autocast_norms)
+    cpu_convolutions: Literal["auto", "onednn", "native"] = "auto"  # auto: native kernels for tiny convs
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    fixed_timestep: int | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    resume: bool = False
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {', '.join(valid)}")
+
+    def adapter_spec(self) -> AdapterSpec:
+        """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI)."""
+        return AdapterSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterSpec)})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def result_values(self) -> dict:
+        """Every field that can change the trained adapter, defaults included (all but ``RESULT_NEUTRAL_FIELDS``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESULT_NEUTRAL_FIELDS}
