@@ -1,8 +1,9 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, findings, gates,
 pretrain, probe, demo.
 
-A failure bwl can name (a bad config, block spec, adapter file, dataset or a failed notebook) is one line on stderr
-and exit status 2, not a traceback.
+A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, or a failed notebook) is one line
+on stderr, ``bwl: error: <message>``, and exit status 2; ``--debug`` shows its traceback. Unexpected exceptions still
+show theirs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ NAMED_FAILURES = (ConfigError, BlockSpecError, AdapterFileError, DatasetError, T
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bwl", description="Block-wise LoRA for Stable Diffusion 1.x")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure bwl can name")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a block-wise adapter on the tiny model and write figures/demo.png")
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_command(args, cli)
     except NAMED_FAILURES as error:
-        print(f"bwl {args.command}: {error}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"bwl: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,13 +1,21 @@
-"""Run configs as dataclasses: read from YAML/JSON, overridden from the command line, unknown keys refused."""
+"""Run configs as dataclasses: read from YAML/JSON, overridden from the command line, unknown keys refused, every
+value coerced to its field's declared type and checked against its allowed range when the config is made.
+
+YAML 1.1 reads ``1e-3`` (no dot) as a string and a flag's value may be any text, so each config class calls
+:func:`coerce_fields` in ``__post_init__``: ``"1e-3"`` becomes ``0.001`` for a float field, ``"abc"`` for an int
+field is a ``ConfigError`` naming the field, the value and the type. :func:`require` states a range.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -16,6 +24,91 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config key or value bwl does not accept."""
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the type ``hint`` describes (int, float, bool, str, Literal, X | None, list[X], dict[K, V]), or a
+    ``ConfigError`` naming ``where``, the value and the type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def refuse() -> ConfigError:
+        return ConfigError(f"{where}={value!r} is not a valid {_type_name(hint)}")
+
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise refuse()
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(str, args))}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise refuse()
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise refuse()
+        if isinstance(value, str):
+            try:
+                numeric = hint is float or "." in value or "e" in value.lower()
+                value_number = float(value.strip()) if numeric else int(value)
+            except ValueError:
+                raise refuse() from None
+        elif isinstance(value, (int, float)):
+            value_number = value
+        else:
+            raise refuse()
+        if hint is int:
+            if float(value_number) != int(value_number):
+                raise refuse()
+            return int(value_number)
+        return float(value_number)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise refuse()
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise refuse()
+        return [coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise refuse()
+        if not args:
+            return dict(value)
+        return {coerce(k, args[0], f"{where} key"): coerce(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
+    return value
+
+
+def coerce_fields(config: Any) -> None:
+    """Coerce every field of the dataclass instance ``config`` to its declared type, in place."""
+    cls = type(config)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        setattr(config, f.name, coerce(getattr(config, f.name), hints[f.name], f"{cls.__name__}.{f.name}"))
+
+
+def require(config: Any, checks: Iterable[tuple[str, bool, str]]) -> None:
+    """A ``ConfigError`` for the first ``(field, ok, allowed)`` that is not ok, naming the field, value and range."""
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{type(config).__name__}.{name}={getattr(config, name)!r}: must be {allowed}")
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -35,7 +128,10 @@ def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     unknown = [k for k in values if k not in names]
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def parse_value(text: str) -> Any:
@@ -63,6 +159,7 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
     values = dict(vars(args))
     config_file = values.pop("config", None)
     values.pop("command", None)
+    values.pop("debug", None)
     merged = read_file(config_file) if config_file else {}
     merged.update(values)
     return build(cls, merged, source=str(config_file or "command line"))

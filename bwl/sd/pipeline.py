@@ -11,6 +11,8 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from bwl.core.config import ConfigError
+
 PAPER_MODEL = "CompVis/stable-diffusion-v1-4"
 PAPER_STEPS = 25
 PAPER_CFG = 7.0
@@ -21,6 +23,10 @@ def dpmpp_2m_karras(scheduler_config: dict) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler.from_config(
         scheduler_config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
     )
+
+
+class ModelNotFound(ConfigError):
+    """A model that is neither a local pipeline directory nor a cached or downloadable hub id."""
 
 
 @contextmanager
@@ -56,17 +62,30 @@ def load_pipeline(
     The sampler is DPM++ 2M Karras; the safety checker is off (bwl studies the model, not its filter).
     A local directory never touches the network.
     """
+    local = Path(model)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise ModelNotFound(f"{model}: not a pipeline directory (it has no model_index.json); pass a folder written by "
+                            "save_pretrained, or a hub id")
     if local_files_only is None:
-        local_files_only = Path(model).is_dir()
-    with quiet_loading(Path(model).is_dir()):
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(model),
-            dtype=dtype or torch.float32,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=local_files_only,
-        )
+        local_files_only = local.is_dir()
+    try:
+        with quiet_loading(local.is_dir()):
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(model),
+                dtype=dtype or torch.float32,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                local_files_only=local_files_only,
+            )
+    except (OSError, ValueError) as error:  # the hub client's not-found, offline and invalid-id errors
+        if local.is_dir():
+            raise
+        raise ModelNotFound(
+            f"model {str(model)!r}: no such local directory, and not a hub id that is cached here or can be downloaded "
+            f"now; fetch it where there is internet (`hf download {model}`) or pass a directory saved with "
+            "save_pretrained"
+        ) from error
     pipe.scheduler = dpmpp_2m_karras(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.text_encoder.requires_grad_(False)

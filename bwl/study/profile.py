@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bwl.core.config import ConfigError, build, read_file
+from bwl.core.config import ConfigError, build, coerce_fields, read_file, require
 from bwl.study.vocabulary import GRIDS
 from bwl.train.config import TrainConfig
 
@@ -57,6 +57,20 @@ class Profile:
     sweep_pairs: bool = True
     sweep_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     train_workers: int = 1  # adapters trained at once, in separate processes sharing the CPU threads (CPU only)
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        require(self, [
+            ("resolution", self.resolution >= 8 and self.resolution % 8 == 0, "a positive multiple of 8"),
+            ("seeds", len(self.seeds) >= 1, "a non-empty list of integers"),
+            ("sweep_seeds", len(self.sweep_seeds) >= 1, "a non-empty list of integers"),
+            ("sample_steps", self.sample_steps >= 1, "an integer >= 1"),
+            ("guidance_scale", self.guidance_scale >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("figure_rows", self.figure_rows >= 1, "an integer >= 1"),
+            ("reg_count", self.reg_count >= 0, ">= 0"),
+            ("train_workers", self.train_workers >= 1, "an integer >= 1"),
+        ])
 
     def path(self, value: str) -> Path:
         """A profile path, relative to the repository root unless absolute."""

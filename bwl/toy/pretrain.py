@@ -22,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bwl.core.atomic import write_json
+from bwl.core.config import coerce_fields, require
 from bwl.sd.tiny import SD1_SCHEDULE, sd1_unet
 from bwl.sd.tokenizer import word_tokenizer
 from bwl.toy.world import any_batch, pretraining_caption, render, sample_character, vocabulary
@@ -50,6 +51,14 @@ class PretrainConfig:
     checkpoint_every: int = 100
     log_every: int = 25
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        require(self, [(name, getattr(self, name) >= 1, "an integer >= 1")
+                       for name in ("vae_batch", "unet_batch", "dataset_size", "log_every")])
+        require(self, [(name, getattr(self, name) >= 0, ">= 0")
+                       for name in ("vae_steps", "unet_steps", "checkpoint_every", "threads", "min_snr_gamma")])
+        require(self, [(name, getattr(self, name) > 0, "> 0") for name in ("vae_lr", "unet_lr")])
 
 
 def toy_vae() -> AutoencoderKL:

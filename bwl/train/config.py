@@ -7,16 +7,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from bwl.adapters.spec import AdapterSpec
+from bwl.core.config import coerce_fields, require
 from bwl.sd.pipeline import PAPER_MODEL
-from bwl.train.fast import cpu_convolutions
 
 # Fields that change where a run writes, how often it reports or saves, or whether it continues, but not the adapter
 # it trains (checkpoints restore exactly, so saving them changes nothing). Every other field is part of a run's key.
 RESULT_NEUTRAL_FIELDS = frozenset({"output_dir", "resume", "stop_after", "log_every", "checkpoint_every",
                                    "keep_checkpoints", "sample_every", "sample_prompts"})
-CHOICES = {"optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16"),
-           "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-           "cpu_convolutions": cpu_convolutions.CHOICES}
 
 
 @dataclass
@@ -75,9 +72,30 @@ class TrainConfig:
     stop_after: int | None = None
 
     def __post_init__(self) -> None:
-        for name, valid in CHOICES.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {', '.join(valid)}")
+        coerce_fields(self)  # "1e-3" from YAML or a flag becomes 0.001; "abc" for steps is a ConfigError
+        positive = "an integer >= 1"
+        require(self, [
+            ("steps", self.steps >= 1, positive), ("batch_size", self.batch_size >= 1, positive),
+            ("repeats", self.repeats >= 1, positive), ("rank", self.rank >= 1, positive),
+            ("resolution", self.resolution >= 8 and self.resolution % 8 == 0, "a positive multiple of 8"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("conv_rank", self.conv_rank is None or self.conv_rank >= 1, f"None or {positive}"),
+            ("alpha", self.alpha is None or self.alpha > 0, "None or > 0"),
+            ("conv_alpha", self.conv_alpha is None or self.conv_alpha > 0, "None or > 0"),
+            ("lr_warmup_steps", self.lr_warmup_steps >= 0, ">= 0"),
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"),
+            ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
+            ("adam_weight_decay", self.adam_weight_decay >= 0, ">= 0"), ("adam_epsilon", self.adam_epsilon > 0, "> 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
+            ("prior_loss_weight", self.prior_loss_weight >= 0, ">= 0"),
+            ("caption_dropout", 0 <= self.caption_dropout <= 1, "in [0, 1]"),
+            ("keep_tokens", self.keep_tokens >= 0, ">= 0"),
+            ("fixed_timestep", self.fixed_timestep is None or 0 <= self.fixed_timestep < 1000, "None or in [0, 1000)"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: no checkpoints)"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, positive), ("log_every", self.log_every >= 1, positive),
+            ("sample_every", self.sample_every >= 0, ">= 0 (0: no samples)"),
+            ("stop_after", self.stop_after is None or self.stop_after >= 1, f"None or {positive}"),
+        ])
 
     def adapter_spec(self) -> AdapterSpec:
         """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI)."""
