@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bwl.core.atomic import atomic_path, write_text
-from bwl.sd.tiny import SD1_SCHEDULE, TINY_WORDS, full_size_sd1_unet, tiny_pipeline
-from bwl.sd.tokenizer import word_tokenizer
+from bwl.sd.tiny import assemble_pipeline, full_size_sd1_unet, tiny_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINY_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench" / "tiny-sd"
@@ -55,11 +54,7 @@ def full_size_sd1_pipeline(
             vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
             max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1,
         ))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(TINY_WORDS), unet=unet,
-        scheduler=PNDMScheduler(**SD1_SCHEDULE), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
 

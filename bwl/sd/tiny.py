@@ -81,6 +81,16 @@ def full_size_sd1_unet() -> UNet2DConditionModel:
     return sd1_unet((320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, sample_size=64)
 
 
+def assemble_pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                      words: tuple[str, ...] = TINY_WORDS) -> StableDiffusionPipeline:
+    """An SD 1.x pipeline from these parts, a word-level tokenizer over ``words`` and SD 1.4's scheduler config."""
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(words), unet=unet,
+        scheduler=PNDMScheduler(**SD1_SCHEDULE), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_pipeline(directory: str | Path, seed: int = 0, words: tuple[str, ...] = TINY_WORDS) -> Path:
     """Build a random tiny SD1.x pipeline (64 px images, 8x8x4 latents) and ``save_pretrained`` it.
 
@@ -99,12 +109,7 @@ def build_tiny_pipeline(directory: str | Path, seed: int = 0, words: tuple[str, 
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(words), unet=unet,
-        scheduler=PNDMScheduler(**SD1_SCHEDULE), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(directory, safe_serialization=True)
+    assemble_pipeline(unet, vae, text_encoder, words).save_pretrained(directory, safe_serialization=True)
     return directory
 
 

@@ -178,7 +178,7 @@ class TrainingRun:
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.steps)
         self.unet = unet
-        self.compiled = fast.compile_unet(self.accelerator.prepare(unet), config.compile_backend,
+        self.compiled = fast.CompiledUNet(self.accelerator.prepare(unet), config.compile_backend,
                                           config.compile_mode) if config.compile_unet else None
         self.forward_unet = self.compiled or self.accelerator.prepare(unet)
         self.optimizer = self.accelerator.prepare(self.optimizer)

@@ -50,9 +50,4 @@ def prepare(unet: torch.nn.Module, device: torch.device, norms_in_compute_dtype:
     return FastPath(norms_in_compute_dtype, layout, layout)
 
 
-def compile_unet(unet: torch.nn.Module, backend: str, mode: str) -> CompiledUNet:
-    """``torch.compile`` with an eager fallback if compiling fails (:class:`CompiledUNet`)."""
-    return CompiledUNet(unet, backend, mode)
-
-
-__all__ = ["CompiledUNet", "FastPath", "compile_unet", "cpu_convolutions", "prepare"]
+__all__ = ["CompiledUNet", "FastPath", "cpu_convolutions", "prepare"]
