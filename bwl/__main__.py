@@ -14,7 +14,8 @@ import sys
 
 from bwl.adapters.blocks import BlockSpecError
 from bwl.adapters.files import AdapterFileError
-from bwl.adapters.kohya import export_kohya, import_kohya, inspect_adapter
+from bwl.adapters.kohya import export_kohya, import_kohya
+from bwl.adapters.report import inspect_adapter
 from bwl.core import config as configs
 from bwl.core.config import ConfigError
 from bwl.data.datasets import DatasetError
@@ -83,10 +84,15 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("path")
     export.add_argument("out")
 
-    imp = commands.add_parser("import-kohya", help="convert a kohya SD1.x LoRA/LoCon to a bwl adapter")
+    imp = commands.add_parser(
+        "import-kohya", help="convert a kohya SD1.x LoRA/LoCon (U-Net and text encoder) to a bwl adapter"
+    )
     imp.add_argument("path")
     imp.add_argument("out")
-    imp.add_argument("--model", required=True, help="base model id or directory (for module names)")
+    imp.add_argument("--model", required=True, help="base model id or directory (module names and shapes are checked)")
+    imp.add_argument("--drop-unplaced", action="store_true",
+                     help="leave out U-Net modules outside the nine blocks (conv_in, time_embedding); "
+                     "without it they are refused")
     return parser
 
 
@@ -96,7 +102,7 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
     elif args.command == "export-kohya":
         print(export_kohya(args.path, args.out))
     elif args.command == "import-kohya":
-        print(import_kohya(args.path, load_pipeline(args.model).unet, args.out))
+        print(import_kohya(args.path, load_pipeline(args.model), args.out, drop_unplaced=args.drop_unplaced))
     elif args.command == "train":
         print(train(configs.from_args(TrainConfig, args)))
     elif args.command == "pretrain":

@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bwl.adapters.compose import load_adapters, set_block_weights
-from bwl.adapters.files import AdapterFileError, load_adapter, read_info, read_metadata, read_tensors, save_adapter
-from bwl.adapters.kohya import export_kohya, import_kohya, inspect_adapter
+from bwl.adapters.compose import load_adapter, load_adapters, set_block_weights
+from bwl.adapters.files import AdapterFileError, read_info, read_metadata, read_tensors, save_adapter
+from bwl.adapters.kohya import export_kohya, import_kohya
+from bwl.adapters.report import inspect_adapter
 from bwl.adapters.spec import AdapterSpec, add_adapter
 from bwl.sd.pipeline import load_pipeline
 
@@ -67,7 +68,7 @@ def test_kohya_export_loads_in_diffusers_with_alpha_not_rank(pipe, tiny_dir, tmp
     fresh = load_pipeline(tiny_dir)
     fresh.load_lora_weights(str(kohya), adapter_name="k")
     assert np.abs(render(fresh) - expected).max() <= 1e-5
-    imported = import_kohya(kohya, fresh.unet, tmp_path / "imported.safetensors")
+    imported = import_kohya(kohya, fresh, tmp_path / "imported.safetensors")
     again = load_pipeline(tiny_dir)
     load_adapter(again, imported, "i")
     assert np.abs(render(again) - expected).max() <= 1e-5
@@ -116,7 +117,7 @@ def test_inspect_reads_a_foreign_kohya_file(pipe, tmp_path):
     report = inspect_adapter(path)
     assert report.format == "kohya" and report.method == "locon"
     assert report.blocks == "IN1+OUT0+OUT2"
-    assert report.ranks == {"IN1": [8], "OUT0": [4], "OUT2": [2]}
+    assert report.ranks == {"IN1": [8], "OUT0": [4], "OUT2": [2], "BASE": [2]}  # BASE: the text encoder
     assert report.alphas["IN1"] == [1.0]
     assert report.text_encoder_modules == 1
     assert report.parameters["MID"] == 0 and report.parameters["IN1"] > 0

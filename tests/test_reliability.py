@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from bwl.adapters.blocks import PAPER_BLOCKS, BlockSpecError, block_weights, parse_blocks
 from bwl.adapters.files import AdapterFileError, read_info, read_tensors
-from bwl.adapters.kohya import inspect_adapter
+from bwl.adapters.report import inspect_adapter
 from bwl.data.captions import compose_caption
 from bwl.data.datasets import split_tags
 from bwl.train import TrainConfig, train
@@ -127,10 +127,14 @@ def test_metadata_is_never_executed_or_used_as_a_path(tmp_path):
     evil = {"bwl_spec": json.dumps({"method": "lora", "blocks": "all", "__import__('os').system('touch pwned')": 1}),
             "bwl_base_model": "../../etc/passwd", "lora_adapter_metadata": "{not json"}
     save_file(tensors, str(tmp_path / "evil.safetensors"), metadata=evil)
-    with pytest.raises(AdapterFileError, match="malformed bwl metadata"):
+    with pytest.raises(AdapterFileError, match="metadata field 'lora_adapter_metadata' is not JSON"):
         read_info(tmp_path / "evil.safetensors")
-    with pytest.raises(ValueError):  # AdapterFileError or json's error: refused either way, never executed
+    with pytest.raises(AdapterFileError, match="metadata field 'lora_adapter_metadata' is not JSON"):
         inspect_adapter(tmp_path / "evil.safetensors")
+    del evil["lora_adapter_metadata"]
+    save_file(tensors, str(tmp_path / "evil.safetensors"), metadata=evil)
+    with pytest.raises(AdapterFileError, match="metadata field 'bwl_spec' is not an adapter spec .*unexpected keyword"):
+        read_info(tmp_path / "evil.safetensors")
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
 
 

@@ -50,6 +50,15 @@ def test_bad_values_are_one_line_errors_naming_the_field_and_write_nothing(cli_r
     assert err.startswith("bwl: error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_yaml_config_file_gets_the_same_results_as_flags(tmp_path, cli_run):
+    (tmp_path / "good.yaml").write_text("learning_rate: 1e-3\ntext_encoder_lr: 5e-4\ntrain_text_encoder: true\n")
+    assert cli_run("--config", str(tmp_path / "good.yaml")) == (0, "", True)
+    (tmp_path / "bad.yaml").write_text("learning_rate: -1e-4\n")
+    code, err, written = cli_run("--config", str(tmp_path / "bad.yaml"), "--output-dir", str(tmp_path / "other"))
+    assert code == 2 and err.count("\n") == 1 and "TrainConfig.learning_rate=-0.0001: must be > 0" in err
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("steps", -5, "steps=-5: must be an integer >= 1"),
     ("steps", "abc", "steps='abc' is not a valid int"),

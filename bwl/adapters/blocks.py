@@ -96,14 +96,26 @@ def format_blocks(blocks: Iterable[str]) -> str:
     return "+".join(ordered)
 
 
+VALID_BLOCKS = ", ".join(f"{block} ({prefix})" for block, prefix in PAPER_PREFIXES.items())
+
+
 def paper_block(module_name: str) -> str | None:
-    """The paper block holding a module (diffusers, peft or kohya name), or None outside the nine blocks."""
+    """The paper block holding a module (diffusers, peft or kohya name), or None outside the nine blocks.
+
+    A name in a block SD1.x does not have (``down_blocks_9``) is a :class:`BlockSpecError` naming it.
+    """
     m = _PAPER.match(module_name)
     if not m:
         return None
     if m.group(3):
         return "MID"
-    return f"{'IN' if m.group(1) == 'down' else 'OUT'}{m.group(2)}"
+    block = f"{'IN' if m.group(1) == 'down' else 'OUT'}{m.group(2)}"
+    if block not in PAPER_PREFIXES:
+        raise BlockSpecError(
+            f"{module_name!r} is in {m.group(1)}_blocks {m.group(2)}, a block SD1.x does not have; "
+            f"valid blocks: {VALID_BLOCKS}"
+        )
+    return block
 
 
 def fine_block(module_name: str) -> str | None:

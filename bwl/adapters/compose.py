@@ -6,6 +6,8 @@ diffusers' ``set_adapters`` block dicts only reach attention layers (IN3, OUT0 a
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,9 +15,47 @@ from diffusers import StableDiffusionPipeline
 from peft.tuners.lora import LoraLayer
 
 from bwl.adapters.blocks import block_weights, fine_block
-from bwl.adapters.files import load_adapter
+from bwl.adapters.files import check_safetensors
+from bwl.adapters.modules import fitted_modules
+from bwl.sd.pipeline import quiet_loading
 
 BlockWeights = float | str | Mapping[str, float] | Sequence[float]
+
+
+def _no_text_encoder_notice(record: logging.LogRecord) -> bool:
+    """False for diffusers' notice that a file has no text-encoder LoRA (most of bwl's files are U-Net only)."""
+    return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")
+
+
+def _base_weights_missing_report(record: logging.LogRecord) -> bool:
+    """False for transformers' load report when it only lists the *base* weights as missing, which an adapter file
+    never holds (transformers 5 reports them when loading text-encoder LoRA). Any row about LoRA tensors is kept."""
+    message = record.getMessage()
+    if "LOAD REPORT" not in message:
+        return True
+    rows = [line for line in message.splitlines() if "|" in line and not line.startswith(("Key", "-"))]
+    return not rows or any("MISSING" not in row or "lora_" in row for row in rows)
+
+
+def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> None:
+    """Load a bwl or kohya/A1111 adapter file into ``pipe`` as adapter ``name``, U-Net and text encoder alike.
+
+    The file is read and checked first (:func:`bwl.adapters.modules.fitted_modules`): a module the model does not have,
+    or one whose shapes do not fit, is an :class:`AdapterFileError` naming it and both shapes.
+    """
+    path = check_safetensors(path)
+    fitted_modules(path, pipe.unet, getattr(pipe, "text_encoder", None))
+    filters = {"diffusers.loaders.lora_base": _no_text_encoder_notice,
+               "transformers.integrations.peft": _base_weights_missing_report}
+    for logger, drop in filters.items():
+        logging.getLogger(logger).addFilter(drop)
+    try:
+        with warnings.catch_warnings(), quiet_loading():  # peft's note that a model now holds several adapters
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            pipe.load_lora_weights(str(path), adapter_name=name)
+    finally:
+        for logger, drop in filters.items():
+            logging.getLogger(logger).removeFilter(drop)
 
 
 def load_adapters(pipe: StableDiffusionPipeline, files: Mapping[str, str | Path]) -> None:

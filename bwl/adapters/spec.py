@@ -55,6 +55,7 @@ class AdapterSpec:
     ``alpha`` defaults to the rank (scale 1, as diffusers' DreamBooth LoRA script); ``conv_rank``/``conv_alpha``
     apply to 3x3 convs (kohya ``conv_dim``/``conv_alpha``) and default to the block's linear values.
     ``block_ranks`` overrides ranks per paper block, group or kohya fine block (kohya ``block_dims``); 0 skips.
+    ``text_encoder`` also adapts the text encoder (lora-block-weight's BASE) at ``rank``/``alpha``, as kohya does.
     """
 
     method: Literal["lora", "locon"] = "lora"
@@ -64,6 +65,7 @@ class AdapterSpec:
     conv_rank: int | None = None
     conv_alpha: float | None = None
     block_ranks: dict[str, int] = field(default_factory=dict)
+    text_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

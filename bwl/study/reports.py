@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 from PIL import Image
 
 from bwl.adapters.blocks import PAPER_BLOCKS
-from bwl.adapters.kohya import inspect_adapter
+from bwl.adapters.report import inspect_adapter
 from bwl.core.images import labeled_grid
 from bwl.data.captions import tag_frequency
 from bwl.sd.pipeline import load_pipeline

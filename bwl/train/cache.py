@@ -60,19 +60,22 @@ class LatentCache:
 
 
 class TextCache:
-    """Text-encoder hidden states per caption; memoized unless captions are randomly shuffled."""
+    """Text-encoder hidden states per caption; memoized unless captions are randomly shuffled or the text encoder is
+    being trained (then every step encodes its captions with gradients)."""
 
-    def __init__(self, tokenizer, text_encoder: torch.nn.Module, memoize: bool = True):
-        self.tokenizer, self.text_encoder, self.memoize = tokenizer, text_encoder, memoize
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, memoize: bool = True, trainable: bool = False):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.memoize, self.trainable = memoize and not trainable, trainable
+        self.device = next(text_encoder.parameters()).device
         self.store: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def encode(self, captions: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(
             list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        with torch.set_grad_enabled(self.trainable):
+            return self.text_encoder(ids.to(self.device))[0]
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         if not self.memoize:

@@ -35,6 +35,8 @@ class TrainConfig:
     conv_rank: int | None = None
     conv_alpha: float | None = None
     block_ranks: dict[str, int] = field(default_factory=dict)
+    train_text_encoder: bool = False  # the paper trains the U-Net only; kohya both, unless network_train_unet_only
+    text_encoder_lr: float | None = None  # kohya's text_encoder_lr; None: learning_rate
     resolution: int = 512
     random_flip: bool = False
     random_crop: bool = False
@@ -79,6 +81,7 @@ class TrainConfig:
             ("repeats", self.repeats >= 1, positive), ("rank", self.rank >= 1, positive),
             ("resolution", self.resolution >= 8 and self.resolution % 8 == 0, "a positive multiple of 8"),
             ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("text_encoder_lr", self.text_encoder_lr is None or self.text_encoder_lr > 0, "None or > 0"),
             ("conv_rank", self.conv_rank is None or self.conv_rank >= 1, f"None or {positive}"),
             ("alpha", self.alpha is None or self.alpha > 0, "None or > 0"),
             ("conv_alpha", self.conv_alpha is None or self.conv_alpha > 0, "None or > 0"),
@@ -99,7 +102,8 @@ class TrainConfig:
 
     def adapter_spec(self) -> AdapterSpec:
         """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI)."""
-        return AdapterSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterSpec)})
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterSpec) if f.name != "text_encoder"}
+        return AdapterSpec(**values, text_encoder=self.train_text_encoder)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -33,20 +33,28 @@ class TrainingDiverged(RuntimeError):
 # --- checkpoints: one safetensors file each, written atomically -------------------------------------------------
 
 
-def save_checkpoint(path: Path, unet, optimizer, lr_scheduler, step: int, config: TrainConfig) -> None:
-    """Adapter, optimizer, LR schedule, RNG states and step in one safetensors file (no pickle)."""
-    save_state(
-        path, adapter_state_dict(unet, ADAPTER), optimizer, lr_scheduler, step, {"config": json.dumps(config.to_dict())}
-    )
+def save_checkpoint(path: Path, run: TrainingRun, step: int) -> None:
+    """Adapter (U-Net and any text encoder), optimizer, LR schedule, RNG states and step in one safetensors file."""
+    tensors = adapter_state_dict(run.unet, ADAPTER, run.text_encoder if run.spec.text_encoder else None)
+    save_state(path, tensors, run.optimizer, run.lr_scheduler, step, {"config": json.dumps(run.config.to_dict())})
 
 
-def load_checkpoint(path: Path, unet, optimizer, lr_scheduler) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step."""
+def load_checkpoint(
+    path: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
+    text_encoder: torch.nn.Module | None = None,
+) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint` (``text_encoder``: where it was trained too); returns
+    its step."""
     tensors, step, _ = load_state(path, optimizer, lr_scheduler)
-    adapter = {k[len("unet."):]: v for k, v in tensors.items()}
-    result = set_peft_model_state_dict(unet, adapter, adapter_name=ADAPTER)
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"{path}: checkpoint does not match this adapter ({result.unexpected_keys[:3]} ...)")
+    for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
+        adapter = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not adapter:
+            continue
+        if model is None:
+            raise RuntimeError(f"{path}: checkpoint holds text-encoder LoRA; this run does not train the text encoder")
+        result = set_peft_model_state_dict(model, adapter, adapter_name=ADAPTER)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{path}: checkpoint does not match this adapter ({result.unexpected_keys[:3]} ...)")
     return step
 
 
@@ -59,12 +67,13 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     """Train one block-wise adapter; returns the final adapter file (``<output_dir>/adapter.safetensors``)."""
     out = Path(config.output_dir)
     run = TrainingRun(config, pipe)
-    accelerator, unet, optimizer, lr_scheduler = run.accelerator, run.unet, run.optimizer, run.lr_scheduler
+    accelerator, unet, lr_scheduler = run.accelerator, run.unet, run.lr_scheduler
 
     start = 0
     existing = checkpoints(out)
     if config.resume and existing:
-        start = load_checkpoint(existing[-1], unet, optimizer, lr_scheduler)
+        start = load_checkpoint(existing[-1], unet, run.optimizer, lr_scheduler,
+                                run.text_encoder if run.spec.text_encoder else None)
         print(f"resumed from {existing[-1]} at step {start}", flush=True)
     elif (out / "adapter.safetensors").exists() or existing:
         raise FileExistsError(f"{out}: already holds a run; pass resume=True to continue it or choose a new output_dir")
@@ -111,14 +120,7 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
                         f"loss became {pending} before step {done}; kept checkpoint step {last_good}"
                     )
             if accelerator.is_main_process:
-                save_checkpoint(
-                    out / "checkpoints" / f"checkpoint-{done:07d}.safetensors",
-                    unet,
-                    optimizer,
-                    lr_scheduler,
-                    done,
-                    config,
-                )
+                save_checkpoint(out / "checkpoints" / f"checkpoint-{done:07d}.safetensors", run, done)
                 for old in checkpoints(out)[: -config.keep_checkpoints]:
                     old.unlink()
             last_good = done
@@ -128,16 +130,13 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     log.close()
     if end < config.steps:
         if accelerator.is_main_process and not (out / "checkpoints" / f"checkpoint-{end:07d}.safetensors").exists():
-            save_checkpoint(
-                out / "checkpoints" / f"checkpoint-{end:07d}.safetensors", unet, optimizer, lr_scheduler, end, config
-            )
+            save_checkpoint(out / "checkpoints" / f"checkpoint-{end:07d}.safetensors", run, end)
         print(f"stopped at step {end} of {config.steps}; rerun with resume=True to continue", flush=True)
         return out / "checkpoints" / f"checkpoint-{end:07d}.safetensors"
     final = out / "adapter.safetensors"
     if accelerator.is_main_process:
-        save_adapter(
-            unet, final, run.spec, ADAPTER, base_model=config.model, trigger=config.trigger, steps=config.steps
-        )
+        save_adapter(unet, final, run.spec, ADAPTER, base_model=config.model, trigger=config.trigger,
+                     steps=config.steps, text_encoder=run.text_encoder if run.spec.text_encoder else None)
     return final
 
 

@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 
 from bwl.adapters.spec import adapted_modules, add_adapter
+from bwl.adapters.text_encoder import add_text_encoder_adapter
 from bwl.data.datasets import Example, load_images, scan_dataset, shuffle_caption
 from bwl.sd.pipeline import load_pipeline
 from bwl.train import fast
@@ -117,9 +118,14 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
+    groups: list[list[torch.nn.Parameter]], config: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW: fused where the device has a fused kernel, 8-bit (bitsandbytes) when ``optimizer='adamw8bit'``."""
+    """AdamW over the U-Net adapter (``learning_rate``) and, where trained, the text encoder's (``text_encoder_lr``).
+
+    Fused where the device has a fused kernel, 8-bit (bitsandbytes) when ``optimizer='adamw8bit'``.
+    """
+    rates = (config.learning_rate, config.text_encoder_lr or config.learning_rate)
+    params = [{"params": group, "lr": lr} for group, lr in zip(groups, rates)]
     kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     if config.optimizer == "adamw8bit":
@@ -153,7 +159,12 @@ class TrainingRun:
             module.to(device) if self.weight_dtype == torch.float32 else module.to(device, dtype=self.weight_dtype)
         set_seed(config.seed)  # the LoRA init draws from the global RNGs
         add_adapter(unet, self.spec, ADAPTER)
-        for param in unet.parameters():
+        adapted = [unet]
+        if self.spec.text_encoder:
+            add_text_encoder_adapter(self.text_encoder, self.spec.rank, self.spec.alpha, ADAPTER)
+            self.text_encoder.train()
+            adapted.append(self.text_encoder)
+        for param in (p for model in adapted for p in model.parameters()):
             if param.requires_grad:
                 param.data = param.data.float()
         if (
@@ -171,10 +182,13 @@ class TrainingRun:
             LatentCache(self.vae, self.data.images, config.random_flip) if config.cache_latents else None
         )
         self.pixels = None if config.cache_latents else to_pixels(self.data.images)
-        self.text_cache = TextCache(pipe.tokenizer, self.text_encoder, memoize=not config.shuffle_tags)
+        text_forward = self.accelerator.prepare(self.text_encoder) if self.spec.text_encoder else self.text_encoder
+        self.text_cache = TextCache(pipe.tokenizer, text_forward, memoize=not config.shuffle_tags,
+                                    trainable=self.spec.text_encoder)
         self.reg_weight = torch.tensor([config.prior_loss_weight if ex.is_reg else 1.0 for ex in self.data.examples])
-        self.trainable = [p for p in unet.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.trainable, config, device)
+        groups = [[p for p in model.parameters() if p.requires_grad] for model in adapted]
+        self.trainable = [p for group in groups for p in group]
+        self.optimizer = make_optimizer(groups, config, device)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.steps)
         self.unet = unet

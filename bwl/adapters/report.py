@@ -1,0 +1,99 @@
+"""``inspect``: what any SD1.x LoRA/LoCon file adapts, block by block, without a model to load it into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bwl.adapters.blocks import FINE_BLOCKS, PAPER_BLOCKS, fine_block, format_blocks, paper_block
+from bwl.adapters.metadata import kohya_fields
+from bwl.adapters.modules import read_modules
+
+TEXT_ENCODER_ROW = "BASE"
+"""The text encoder's row: lora-block-weight's name for its slot."""
+
+
+@dataclass
+class AdapterReport:
+    """What ``inspect`` tells about an adapter file."""
+
+    path: str
+    format: str
+    method: str
+    blocks: str
+    ranks: dict[str, list[int]]
+    alphas: dict[str, list[float]]
+    parameters: dict[str, int]
+    fine_ranks: dict[str, int]
+    text_encoder_modules: int
+    not_placed: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """A plain-text report, one row per paper block, then the text encoder (BASE) and modules not placed."""
+        lines = [
+            f"file:    {self.path}",
+            f"format:  {self.format}",
+            f"method:  {self.method}",
+            f"blocks:  {self.blocks}",
+        ]
+        for key in ("bwl_trigger", "bwl_base_model", "bwl_steps", "ss_sd_model_name", "ss_max_train_steps"):
+            if self.metadata.get(key):
+                lines.append(f"{key}: {self.metadata[key]}")
+        lines.append(f"{'block':<6} {'ranks':<10} {'alphas':<14} {'params':>10}")
+        rows = PAPER_BLOCKS + ((TEXT_ENCODER_ROW,) if self.text_encoder_modules else ())
+        for block in rows:
+            ranks = ",".join(map(str, self.ranks.get(block, []))) or "0"
+            alphas = ",".join(f"{a:g}" for a in self.alphas.get(block, [])) or "-"
+            lines.append(f"{block:<6} {ranks:<10} {alphas:<14} {self.parameters.get(block, 0):>10,}")
+        total = sum(self.parameters.values()) + sum(self.not_placed.values())
+        lines.append(f"{'total':<6} {'':<10} {'':<14} {total:>10,}")
+        if self.text_encoder_modules:
+            lines.append(f"text encoder: {self.text_encoder_modules} modules (BASE)")
+        if self.not_placed:
+            shown = ", ".join(f"{name} ({n:,} params)" for name, n in self.not_placed.items())
+            lines.append(f"not placed (outside the nine blocks): {shown}")
+        unreadable = [k for k, v in self.metadata.items() if k.startswith("ss_") and v == "unreadable"]
+        if unreadable:
+            lines.append(f"unreadable kohya metadata: {', '.join(unreadable)}")
+        return "\n".join(lines)
+
+
+def inspect_adapter(path: str | Path) -> AdapterReport:
+    """Method, blocks, ranks, alphas and parameters per block of any SD1.x LoRA/LoCon file (bwl or kohya).
+
+    bwl's own metadata is validated (a malformed field is an error naming it); kohya fields that do not parse are
+    shown as unreadable. U-Net modules outside the nine blocks are listed as not placed.
+    """
+    contents = read_modules(path)
+    meta = contents.metadata
+    ranks: dict[str, set[int]] = {}
+    alphas: dict[str, set[float]] = {}
+    params = dict.fromkeys(PAPER_BLOCKS, 0)
+    fine: dict[str, int] = {}
+    for module in contents.unet:
+        block = paper_block(module.name)
+        ranks.setdefault(block, set()).add(module.rank)
+        alphas.setdefault(block, set()).add(module.alpha)
+        params[block] += module.parameters
+        fb = fine_block(module.name)
+        if fb is not None and not module.is_conv3x3:
+            fine[fb] = max(fine.get(fb, 0), module.rank)
+    blocks = format_blocks(ranks)
+    if contents.text_encoder:
+        ranks[TEXT_ENCODER_ROW] = {m.rank for m in contents.text_encoder}
+        alphas[TEXT_ENCODER_ROW] = {m.alpha for m in contents.text_encoder}
+        params[TEXT_ENCODER_ROW] = sum(m.parameters for m in contents.text_encoder)
+    return AdapterReport(
+        path=str(path),
+        format=contents.format,
+        method=contents.method,
+        blocks=blocks,
+        ranks={b: sorted(r) for b, r in ranks.items()},
+        alphas={b: sorted(a) for b, a in alphas.items()},
+        parameters=params,
+        fine_ranks={f: fine[f] for f in FINE_BLOCKS if f in fine},
+        text_encoder_modules=len(contents.text_encoder),
+        not_placed={m.name: m.parameters for m in contents.unplaced},
+        metadata={**{k: v for k, v in meta.items() if k.startswith("bwl_")}, **kohya_fields(meta)},
+    )
