@@ -22,13 +22,12 @@ from bwl.data.datasets import DatasetError
 from bwl.data.tagging import TaggerError
 from bwl.sd.pipeline import load_pipeline
 from bwl.study.demo import run_demo
-from bwl.study.figures import sweep_figure
+from bwl.study.figures import block_sweep
 from bwl.study.findings import findings_markdown
 from bwl.study.gates import gates as measure_gates
 from bwl.study.profile import load_profile
 from bwl.study.runner import StudyFailed, run_study
 from bwl.study.study import Study
-from bwl.study.sweep import read_sweep, run_sweep
 from bwl.toy.assets import train_and_save_probe
 from bwl.toy.pretrain import PretrainConfig, pretrain
 from bwl.train import TrainConfig, TrainingDiverged, train
@@ -65,9 +64,9 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--steps", type=int, default=600)
 
     sweep = commands.add_parser(
-        "sweep", help="block sweep: style LoCon on every block and block pair (after the study)"
+        "sweep", help="block sweep: style LoCon on every block and block pair (what notebook 06 runs)"
     )
-    sweep.add_argument("--profile", default="toy")
+    sweep.add_argument("--profile", default="sweep")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
@@ -110,9 +109,7 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
     elif args.command == "probe":
         print(json.dumps(train_and_save_probe(steps=args.steps), indent=2))
     elif args.command == "sweep":
-        csv_path = run_sweep(Study(load_profile(args.profile, _overrides(cli, args.overrides))))
-        sweep_figure(read_sweep(csv_path), csv_path.with_suffix(".png"))
-        print(csv_path.with_suffix(".png"))
+        print(block_sweep(Study(load_profile(args.profile, _overrides(cli, args.overrides))))[1])
     elif args.command == "gates":
         print(json.dumps(measure_gates(args.profile, args.count), indent=2))
     elif args.command == "findings":

@@ -14,8 +14,11 @@ from matplotlib.figure import Figure
 from bwl.adapters.blocks import PAPER_BLOCKS
 from bwl.core.atomic import atomic_path
 from bwl.core.images import labeled_grid
+from bwl.study.console import log
 from bwl.study.study import Study
-from bwl.study.sweep import SweepResult, pareto_front
+from bwl.study.sweep import SweepResult, pareto_front, read_sweep, run_sweep
+from bwl.study.vocabulary import Concept
+from bwl.study.workers import Log
 
 
 def make_figures(study: Study) -> list[Path]:
@@ -73,3 +76,17 @@ def sweep_figure(results: list[SweepResult], out: Path | None = None) -> Figure:
         with atomic_path(out) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
     return fig
+
+
+def block_sweep(study: Study, log: Log = log) -> tuple[list[SweepResult], Path]:
+    """Run the block sweep (preparing data, training and rendering what is missing) and draw its figure: (results,
+    figure path).
+
+    Notebook 06 and ``python -m bwl sweep`` both call this.
+    """
+    if not study.concept_dir(Concept.STYLE).is_dir():
+        study.prepare_data()
+    csv_path = run_sweep(study, log)
+    results = read_sweep(csv_path)
+    sweep_figure(results, csv_path.with_suffix(".png"))
+    return results, csv_path.with_suffix(".png")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from IPython import get_ipython
 
-from bwl.core.config import ConfigError
+from bwl.core.config import ConfigError, parse_value
 from bwl.study.profile import load_profile
 from bwl.study.study import Study
 
@@ -27,7 +27,7 @@ def unknown_parameters(namespace: dict, declared: tuple[str, ...] = NOTEBOOK_PAR
                   and isinstance(v, PAPERMILL_TYPES))
 
 
-def setup(profile: str, overrides: dict | None = None, namespace: dict | None = None) -> Study:
+def setup(profile: str, overrides: dict | str | None = None, namespace: dict | None = None) -> Study:
     """The study for ``profile`` + ``overrides``; with ``namespace`` (the notebook's ``globals()``), unknown papermill
     parameters in it are a ``ConfigError`` naming them (papermill itself only warns)."""
     if namespace is not None and id(namespace) not in _checked:
@@ -37,6 +37,10 @@ def setup(profile: str, overrides: dict | None = None, namespace: dict | None = 
             raise ConfigError(f"unknown notebook parameter(s) {', '.join(map(repr, unknown))}; valid: "
                               f"{', '.join(NOTEBOOK_PARAMETERS)} (profile keys go inside overrides, e.g. "
                               "-p overrides '{\"seeds\": [0, 1]}')")
+    if isinstance(overrides, str):  # papermill's -p passes text: '{"seeds": [0, 1]}'
+        overrides = parse_value(overrides)
+    if not isinstance(overrides, dict | None):
+        raise ConfigError(f"overrides must be a mapping of profile keys, got {overrides!r}")
     study = Study(load_profile(profile, overrides))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"profile {study.profile.name}: model {study.profile.model}, {study.profile.resolution} px; device: {device}")

@@ -1,4 +1,5 @@
-"""Profiles: one study setting each, as a small YAML file in ``bwl/study/profiles/`` ("the defaults, except…").
+"""Profiles: one study setting each, as a small YAML file in ``bwl/study/profiles/`` ("the defaults, except…"; a
+profile may ``extends: <another>`` and change only what differs).
 
 A run is ``defaults + one profile + overrides`` and nothing else; unknown keys are refused with their names.
 """
@@ -114,13 +115,25 @@ def _check(profile: Profile, source: str) -> None:
             raise ConfigError(f"{source}: {key}={getattr(profile, key)!r} is not one of {', '.join(valid)}")
 
 
+def _with_base(path: Path) -> dict:
+    """A profile file's values over those of the profile it ``extends`` (top-level keys replace the base's)."""
+    values = read_file(path)
+    base = values.pop("extends", None)
+    if base is None:
+        return values
+    base_path = PROFILES / f"{base}.yaml"
+    if not base_path.is_file():
+        raise ConfigError(f"profile {path.name}: extends unknown profile {base!r}")
+    return {**_with_base(base_path), **values}
+
+
 def load_profile(name: str = "toy", overrides: dict | None = None) -> Profile:
     """``bwl/study/profiles/<name>.yaml`` (or a YAML path) plus overrides; unknown keys raise naming them."""
     path = Path(name) if name.endswith((".yaml", ".yml", ".json")) else PROFILES / f"{name}.yaml"
     if not path.is_file():
         valid = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
         raise ConfigError(f"unknown profile {name!r}; valid: {valid} (or a path to a YAML file)")
-    values = {"name": path.stem, **read_file(path), **(overrides or {})}
+    values = {"name": path.stem, **_with_base(path), **(overrides or {})}
     profile = build(Profile, values, source=f"profile {path.name}")
     _check(profile, f"profile {path.name}")
     return profile

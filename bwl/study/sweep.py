@@ -86,3 +86,13 @@ def pareto_front(results: list[SweepResult]) -> list[SweepResult]:
                    and (o.identity.mean, o.style.mean) != (r.identity.mean, r.style.mean) for o in results)
     return [r for r in results if not dominated(r)]
 
+
+
+def top_specs_markdown(results: list[SweepResult], top: int = 10) -> str:
+    """The ``top`` specs by identity + style fidelity (means), with their 95 % CIs and Pareto membership."""
+    front = {r.spec for r in pareto_front(results)}
+    ranked = sorted(results, key=lambda r: -(r.identity.mean + r.style.mean))[:top]
+    lines = ["| rank | style trained on | identity | style | Pareto front |", "|---|---|---|---|---|"]
+    lines += [f"| {i} | {r.spec} | {r.identity} | {r.style} | {'yes' if r.spec in front else ''} |"
+              for i, r in enumerate(ranked, 1)]
+    return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from bwl.sd.pipeline import PAPER_MODEL
 # Fields that change where a run writes, how often it reports or saves, or whether it continues, but not the adapter
 # it trains (checkpoints restore exactly, so saving them changes nothing). Every other field is part of a run's key.
 RESULT_NEUTRAL_FIELDS = frozenset({"output_dir", "resume", "stop_after", "log_every", "checkpoint_every",
-                                   "keep_checkpoints", "sample_every", "sample_prompts"})
+                                   "keep_checkpoints", "sample_every", "sample_prompts", "log_with"})
 
 
 @dataclass
@@ -68,6 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    log_with: Literal["tensorboard", "wandb"] | None = None  # accelerate's trackers; logs under <output_dir>/logs
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)
     resume: bool = False

@@ -80,6 +80,9 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, run)
     log = LossLog(out, start)
+    if config.log_with:  # TensorBoard (or W&B) through accelerate's trackers, with the run's settings as hparams
+        hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(out.name or "train", config=hparams)
 
     end = min(config.steps, config.stop_after or config.steps)
     progress = tqdm(
@@ -105,6 +108,8 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
                     f"kept the last good checkpoint (step {last_good}) in {out / 'checkpoints'}"
                 )
             log.write(done, mean_loss, lr_scheduler.get_last_lr()[0])
+            if config.log_with:
+                accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=done)
             progress.update(done - progress.n)
             if not sys.stdout.isatty():
                 print(
@@ -128,6 +133,8 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
             save_samples(run.pipe, config, out / "samples" / f"step-{done:07d}.png")
     progress.close()
     log.close()
+    if config.log_with:
+        accelerator.end_training()
     if end < config.steps:
         if accelerator.is_main_process and not (out / "checkpoints" / f"checkpoint-{end:07d}.safetensors").exists():
             save_checkpoint(out / "checkpoints" / f"checkpoint-{end:07d}.safetensors", run, end)

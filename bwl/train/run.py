@@ -148,7 +148,8 @@ class TrainingRun:
         self.spec = config.adapter_spec()
         if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
             AcceleratorState._reset_state(reset_partial_state=True)  # a new precision in the same process (notebooks)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with,
+                                       project_dir=f"{config.output_dir}/logs" if config.log_with else None)
         self.device = device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         self.data = prepare_data(config)
