@@ -475,3 +475,20 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_warning_and_the_run_f
     from bwl.train.fast.compile import compile_failure
 
     assert compile_failure(ValueError("a shape error in the model")) is None  # only compile failures fall back
+
+
+def test_tensorboard_logging_is_opt_in_and_leaves_the_run_key_alone(tmp_path, tiny_dir, pipe):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bwl.study.runs import run_key
+
+    contents = {"model": "m", "instance_dir": "i"}
+    plain, logged = config(tmp_path, tiny_dir), config(tmp_path, tiny_dir, log_with="tensorboard")
+    assert run_key(plain, contents) == run_key(logged, contents)
+    train(config(tmp_path, tiny_dir, steps=10, log_every=5, log_with="tensorboard"), pipe=pipe)
+    accumulator = EventAccumulator(str(tmp_path / "run" / "logs" / "run"))  # <output_dir>/logs/<run name>
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("loss")] == [5, 10]
+    assert [e.value for e in accumulator.Scalars("loss")] == pytest.approx(losses(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="log_with='mlflow' is not one of tensorboard, wandb"):
+        TrainConfig(log_with="mlflow")

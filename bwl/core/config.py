@@ -43,11 +43,15 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
             try:
                 return coerce(value, option, where)
-            except ConfigError:
-                continue
+            except ConfigError as error:
+                errors.append(error)
+        if len(errors) == 1 and type(None) in args:  # X | None: say what X allows, and that None does too
+            raise ConfigError(f"{errors[0]} (or None)") from None
         raise refuse()
     if origin is Literal:
         if value in args:

@@ -19,11 +19,13 @@ def image_row(images: Sequence[Image.Image], gap: int = 2) -> Image.Image:
 
 def labeled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], col_labels: Sequence[str],
                  scale: int = 1, gap: int = 2) -> Image.Image:
-    """A grid of images with a label left of each row and above each column."""
+    """A grid of images with a label left of each row and above each column (a column label's lines, split at
+    ``\n``, are each wrapped to the column's width)."""
     w, h = rows[0][0].size
     w, h = w * scale, h * scale
     label_w = max(8 * max(len(s) for s in row_labels) + 8, 40)
-    wrapped = [textwrap.wrap(text, max(4, w // 6)) or [""] for text in col_labels]
+    wrapped = [[line for part in text.split("\n") for line in textwrap.wrap(part, max(4, w // 6)) or [""]]
+               for text in col_labels]
     label_h = 12 * max(len(lines) for lines in wrapped) + 6
     grid = Image.new("RGB", (label_w + len(col_labels) * (w + gap), label_h + len(rows) * (h + gap)), "white")
     draw = ImageDraw.Draw(grid)

@@ -1,5 +1,6 @@
-"""Progress lines of the study: into the notebook, and under the runner also to its console, one per stage,
-adapter and grid (the notebooks' tables and plots stay in the executed notebooks)."""
+"""Progress of the study: lines into the notebook, and under the runner also to its console, one per stage,
+adapter and grid (the notebooks' tables and plots stay in the executed notebooks); and in JupyterLab or Colab, one
+``tqdm.auto`` bar per long stage (a widget bar), at a time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from tqdm.auto import tqdm
 
 CONSOLE_ENV = "BWL_CONSOLE"  # set by the runner for the kernels it starts (they inherit its environment)
 
@@ -31,3 +34,9 @@ def console_for_kernels() -> Iterator[None]:
             del os.environ[CONSOLE_ENV]
         else:
             os.environ[CONSOLE_ENV] = previous
+
+
+def progress(total: int, desc: str) -> tqdm:
+    """A progress bar for one long stage: a widget bar in JupyterLab and Colab, a text bar in a terminal. Off under
+    the runner, whose console gets :func:`log` lines instead, and off for stages of at most one step."""
+    return tqdm(total=total, desc=desc, disable=bool(os.environ.get(CONSOLE_ENV)) or total <= 1, leave=False)

@@ -15,14 +15,21 @@ from bwl.adapters.blocks import PAPER_BLOCKS
 from bwl.core.atomic import atomic_path
 from bwl.core.images import labeled_grid
 from bwl.study.console import log
+from bwl.study.results import CellResult
 from bwl.study.study import Study
 from bwl.study.sweep import SweepResult, pareto_front, read_sweep, run_sweep
-from bwl.study.vocabulary import Concept
+from bwl.study.vocabulary import Concept, Metric
 from bwl.study.workers import Log
 
 
+def column_label(result: CellResult) -> str:
+    """A figure column's label: the cell, then its identity and style fidelity (mean ± 95 % CI)."""
+    return f"{result.cell}\nidentity {result[Metric.IDENTITY]}\nstyle {result[Metric.STYLE]}"
+
+
 def make_figures(study: Study) -> list[Path]:
-    """One labeled grid per paper figure: columns are cells, rows are (prompt, seed) pairs with a trigger."""
+    """One labeled grid per paper figure: columns are cells, each labeled with its identity and style fidelity (mean
+    ± 95 % CI), so the figure reads without the table; rows are (prompt, seed) pairs with a trigger."""
     p = study.profile
     by_grid: dict[str, list] = {}
     for row in study.results():
@@ -34,7 +41,7 @@ def make_figures(study: Study) -> list[Path]:
     for grid, rows in by_grid.items():
         columns = [study.cell_images(r.key) for r in rows]
         image_rows = [[column[i * len(p.seeds) + s] for column in columns] for i, s in picks]
-        figure = labeled_grid(image_rows, labels, [r.cell for r in rows], scale=max(1, 96 // p.resolution))
+        figure = labeled_grid(image_rows, labels, [column_label(r) for r in rows], scale=max(1, 96 // p.resolution))
         with atomic_path(p.figures / f"{grid}.png") as tmp:
             figure.save(tmp, format="PNG")
         written.append(p.figures / f"{grid}.png")

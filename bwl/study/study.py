@@ -20,7 +20,7 @@ from bwl.sd.pipeline import load_pipeline
 from bwl.sd.tiny import build_tiny_pipeline
 from bwl.study import runs
 from bwl.study.cells import CellRenderer, CellStore
-from bwl.study.console import log
+from bwl.study.console import log, progress
 from bwl.study.findings import decidable, findings_markdown
 from bwl.study.metrics import scorer
 from bwl.study.profile import Profile
@@ -109,6 +109,10 @@ class Study:
             contents["reg_dir"] = self._fingerprint(Path(config.reg_dir))
         return runs.keyed(config, key, self.out / "adapters", contents)
 
+    def scorer(self):
+        """The profile's metric family as a scorer of (images, prompts), or None for ``metrics: none``."""
+        return scorer(self.profile.metrics)
+
     def adapter_files(self, keys: list[AdapterKey] | None = None) -> dict[AdapterKey, Path]:
         keys = self.needed_adapters() if keys is None else keys
         return {k: Path(self.train_config(k).output_dir) / "adapter.safetensors" for k in keys}
@@ -133,7 +137,7 @@ class Study:
             raise FileNotFoundError(f"adapters not trained yet: {missing}; run the training step first")
         hashes = {k: file_hash(f) for k, f in files.items()}
         return CellRenderer(load_pipeline(self.model), self.profile, self.cells, self.model_fingerprint, files,
-                            hashes, scorer(self.profile.metrics), keys if resident is None else resident)
+                            hashes, self.scorer(), keys if resident is None else resident)
 
     def run_grids(self, log: Log = log) -> Path:
         """Generate every column of every grid (same prompts and seeds everywhere, batched), score it, and write the
@@ -141,15 +145,18 @@ class Study:
         p = self.profile
         renderer = self.renderer(self.needed_adapters())
         results = []
+        bar = progress(sum(len(g.columns()) for g in self.grids()), "grid cells")
         for grid in self.grids():
             made = 0
             for column in grid.columns():
                 key, generated = renderer.render(column, p.prompts, p.seeds)
                 made += generated
                 results.append(CellResult(grid.name, column.label, key, renderer.summary(key)))
+                bar.update()
             count = len(grid.columns())
             log(f"{grid.name}: {count} cells, {made} generated ({len(p.prompts) * len(p.seeds)} images each), "
                 f"{count - made} reused")
+        bar.close()
         path = write_results(p.figures, results, p.to_dict())
         if decidable(results):
             write_text(p.figures / "findings.md", findings_markdown(results))

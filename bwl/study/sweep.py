@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bwl.adapters.blocks import PAPER_BLOCKS, parse_blocks
 from bwl.core.atomic import atomic_path
-from bwl.study.console import log
+from bwl.study.console import log, progress
 from bwl.study.metrics import Estimate
 from bwl.study.study import Study
 from bwl.study.vocabulary import Cell, Metric, cell, identity, style
@@ -55,11 +55,13 @@ def run_sweep(study: Study, log: Log = log) -> Path:
     renderer = study.renderer(keys, resident=[identity("locon")])
     prompts = [q for q in p.prompts if p.style_trigger in q]
     results = []
-    for column, spec in zip(cells, sweep_specs(p.sweep_pairs)):
-        key, _ = renderer.render(column, prompts, p.sweep_seeds)
-        summary = renderer.summary(key)
-        results.append(SweepResult(spec, summary[Metric.IDENTITY], summary[Metric.STYLE]))
-        log(f"sweep {spec}: identity {results[-1].identity}, style {results[-1].style}")
+    with progress(len(cells), "sweep cells") as bar:
+        for column, spec in zip(cells, sweep_specs(p.sweep_pairs)):
+            key, _ = renderer.render(column, prompts, p.sweep_seeds)
+            summary = renderer.summary(key)
+            results.append(SweepResult(spec, summary[Metric.IDENTITY], summary[Metric.STYLE]))
+            log(f"sweep {spec}: identity {results[-1].identity}, style {results[-1].style}")
+            bar.update()
     return write_sweep(p.figures / "sweep.csv", results)
 
 

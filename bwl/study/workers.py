@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bwl.sd.pipeline import load_pipeline
-from bwl.study.console import log
+from bwl.study.console import log, progress
 from bwl.study.vocabulary import AdapterKey
 from bwl.train.config import TrainConfig
 from bwl.train.loop import train
@@ -52,12 +52,19 @@ def train_adapters(configs: Mapping[AdapterKey, TrainConfig], workers: int = 1, 
     cancelled.
     """
     total = len(configs)
-    if workers <= 1 or total <= 1 or torch.cuda.is_available():
-        for i, (key, config) in enumerate(configs.items(), 1):
-            started = time.time()
-            train_one(config)
-            log(f"[{i}/{total}] {_summary(key, config)} in {time.time() - started:.0f} s")
-        return
+    with progress(total, "training adapters") as bar:
+        if workers <= 1 or total <= 1 or torch.cuda.is_available():
+            for i, (key, config) in enumerate(configs.items(), 1):
+                started = time.time()
+                train_one(config)
+                log(f"[{i}/{total}] {_summary(key, config)} in {time.time() - started:.0f} s")
+                bar.update()
+        else:
+            _train_in_workers(configs, workers, log, bar)
+
+
+def _train_in_workers(configs: Mapping[AdapterKey, TrainConfig], workers: int, log: Log, bar) -> None:
+    total = len(configs)
     threads = max(1, torch.get_num_threads() // workers)
     log(f"training {total} adapters, {workers} at a time ({threads} thread(s) each)")
     context = multiprocessing.get_context("spawn")
@@ -75,3 +82,4 @@ def train_adapters(configs: Mapping[AdapterKey, TrainConfig], workers: int = 1, 
                 key = running.pop(future)
                 done += 1
                 log(f"[{done}/{total}] {_summary(key, configs[key])} ({time.time() - started:.0f} s since start)")
+                bar.update()
