@@ -19,13 +19,15 @@ def smoke(tmp_path, **overrides):
 
 
 def test_profiles_load_and_refuse_unknown_keys():
-    for name in ("smoke", "toy", "paper"):
+    for name in ("smoke", "toy", "paper", "sweep"):
         assert load_profile(name).name == name
+    sweep, toy = load_profile("sweep"), load_profile("toy")
+    assert sweep.out == toy.out and (sweep.model, sweep.train, sweep.prompts) == (toy.model, toy.train, toy.prompts)
     with pytest.raises(ConfigError, match="'sedes'.*valid:"):
         load_profile("toy", {"sedes": [1]})
     with pytest.raises(ConfigError, match="'stepz'"):
         load_profile("toy", {"train": {"stepz": 3}})
-    with pytest.raises(ConfigError, match="valid: paper, smoke, toy"):
+    with pytest.raises(ConfigError, match="valid: paper, smoke, sweep, toy"):
         load_profile("toyy")
     with pytest.raises(ConfigError, match="fig9"):
         load_profile("toy", {"grids": ["fig9"]})
@@ -43,6 +45,25 @@ def test_unknown_raw_papermill_parameter_is_refused_naming_it(tmp_path):
         papermill.execute_notebook(str(ROOT / "notebooks" / "04_figures.ipynb"), str(tmp_path / "out.ipynb"),
                                    parameters={"profile": "smoke", "seedz": [0, 1], "interactive": False},
                                    kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+
+
+def test_block_sweep_notebook_runs_under_papermill_on_the_smoke_profile(tmp_path):
+    import papermill
+
+    from bwl.study.profile import ROOT
+    from bwl.study.sweep import read_sweep
+
+    overrides = {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures"), "sweep_pairs": False,
+                 "sweep_seeds": [0]}
+    out = papermill.execute_notebook(str(ROOT / "notebooks" / "06_block_sweep.ipynb"), str(tmp_path / "06.ipynb"),
+                                     parameters={"profile": "smoke", "overrides": overrides, "interactive": False},
+                                     kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    results = read_sweep(tmp_path / "figures" / "sweep.csv")
+    assert [r.spec for r in results] == ["IN0", "IN1", "IN2", "IN3", "MID", "OUT0", "OUT1", "OUT2", "OUT3"]
+    assert (tmp_path / "figures" / "sweep.png").stat().st_size > 10_000
+    outputs = [o for c in out.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert any("| rank | style trained on |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
 
 
 def test_notebook_setup_passes_declared_parameters_and_rechecks_nothing(tmp_path):
