@@ -36,7 +36,7 @@ test: setup
 notebooks: setup
 	rm -rf runs/smoke
 	for nb in 01_data_preparation 02_training 03_ablation_grids 04_figures; do \
-		$(PY) -m papermill -k python3 --cwd notebooks notebooks/$$nb.ipynb notebooks/$$nb.ipynb || exit 1; done
+		$(PY) -m papermill -k python3 --cwd notebooks -p interactive False notebooks/$$nb.ipynb notebooks/$$nb.ipynb || exit 1; done
 
 bench: setup
 	$(PY) benchmarks/bench_train.py

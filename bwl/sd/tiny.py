@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from bwl.sd.pipeline import load_pipeline
+from bwl.sd.pipeline import load_pipeline, quiet_loading
 from bwl.sd.tokenizer import word_tokenizer
 
 TINY_WORDS = [
@@ -109,7 +109,8 @@ def build_tiny_pipeline(directory: str | Path, seed: int = 0, words: tuple[str, 
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))
-    assemble_pipeline(unet, vae, text_encoder, words).save_pretrained(directory, safe_serialization=True)
+    with quiet_loading():  # no "Writing model shards" bar for a 2 MB model
+        assemble_pipeline(unet, vae, text_encoder, words).save_pretrained(directory, safe_serialization=True)
     return directory
 
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from tqdm.auto import tqdm
 
 CONSOLE_ENV = "BWL_CONSOLE"  # set by the runner for the kernels it starts (they inherit its environment)
+_bars = {"on": True}  # off in a notebook run with interactive=False (papermill), where a bar would only be stored
 
 
 def log(line: str) -> None:
@@ -36,7 +37,14 @@ def console_for_kernels() -> Iterator[None]:
             os.environ[CONSOLE_ENV] = previous
 
 
+def show_progress(enabled: bool) -> None:
+    """Whether :func:`progress` draws bars in this process (the notebooks' setup passes their ``interactive``)."""
+    _bars["on"] = enabled
+
+
 def progress(total: int, desc: str) -> tqdm:
     """A progress bar for one long stage: a widget bar in JupyterLab and Colab, a text bar in a terminal. Off under
-    the runner, whose console gets :func:`log` lines instead, and off for stages of at most one step."""
-    return tqdm(total=total, desc=desc, disable=bool(os.environ.get(CONSOLE_ENV)) or total <= 1, leave=False)
+    the runner, whose console gets :func:`log` lines instead, in non-interactive notebook runs (papermill, where the
+    bar would only be stored), and for stages of at most one step."""
+    disable = not _bars["on"] or bool(os.environ.get(CONSOLE_ENV)) or total <= 1
+    return tqdm(total=total, desc=desc, disable=disable, leave=False)

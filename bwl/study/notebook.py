@@ -7,6 +7,7 @@ import torch
 from IPython import get_ipython
 
 from bwl.core.config import ConfigError, parse_value
+from bwl.study.console import show_progress
 from bwl.study.profile import load_profile
 from bwl.study.study import Study
 
@@ -29,7 +30,8 @@ def unknown_parameters(namespace: dict, declared: tuple[str, ...] = NOTEBOOK_PAR
 
 def setup(profile: str, overrides: dict | str | None = None, namespace: dict | None = None) -> Study:
     """The study for ``profile`` + ``overrides``; with ``namespace`` (the notebook's ``globals()``), unknown papermill
-    parameters in it are a ``ConfigError`` naming them (papermill itself only warns)."""
+    parameters in it are a ``ConfigError`` naming them (papermill itself only warns), and its ``interactive`` decides
+    whether long stages draw progress bars."""
     if namespace is not None and id(namespace) not in _checked:
         _checked.add(id(namespace))
         unknown = unknown_parameters(namespace)
@@ -41,6 +43,7 @@ def setup(profile: str, overrides: dict | str | None = None, namespace: dict | N
         overrides = parse_value(overrides)
     if not isinstance(overrides, dict | None):
         raise ConfigError(f"overrides must be a mapping of profile keys, got {overrides!r}")
+    show_progress(bool(namespace.get("interactive", True)) if namespace is not None else True)
     study = Study(load_profile(profile, overrides))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"profile {study.profile.name}: model {study.profile.model}, {study.profile.resolution} px; device: {device}")
