@@ -24,7 +24,10 @@ from bwl.study.workers import Log
 
 def column_label(result: CellResult) -> str:
     """A figure column's label: the cell, then its identity and style fidelity (mean ± 95 % CI)."""
-    return f"{result.cell}\nidentity {result[Metric.IDENTITY]}\nstyle {result[Metric.STYLE]}"
+    def short(estimate) -> str:  # fits a 96 px column
+        return f"{estimate.mean:.2f}±{estimate.ci:.2f}" if estimate.n else "–"
+
+    return f"{result.cell}\nid {short(result[Metric.IDENTITY])}\nstyle {short(result[Metric.STYLE])}"
 
 
 def make_figures(study: Study) -> list[Path]:
