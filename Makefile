@@ -32,11 +32,12 @@ test: setup
 	rm -rf runs/smoke
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/01_data_preparation.ipynb notebooks/02_training.ipynb notebooks/03_ablation_grids.ipynb notebooks/04_figures.ipynb
 
-# Regenerate the committed notebook outputs from a fresh smoke run (what nbval compares against).
+# Regenerate the committed notebook outputs from a fresh smoke run (what nbval compares against). BWL_CONSOLE: no
+# progress bars stored in them (bwl.study.console).
 notebooks: setup
 	rm -rf runs/smoke
 	for nb in 01_data_preparation 02_training 03_ablation_grids 04_figures; do \
-		$(PY) -m papermill -k python3 --cwd notebooks -p interactive False notebooks/$$nb.ipynb notebooks/$$nb.ipynb || exit 1; done
+		BWL_CONSOLE=1 $(PY) -m papermill -k python3 --cwd notebooks notebooks/$$nb.ipynb notebooks/$$nb.ipynb || exit 1; done
 
 bench: setup
 	$(PY) benchmarks/bench_train.py

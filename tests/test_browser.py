@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -50,10 +51,17 @@ class Lab:
     def __init__(self, folder: Path, shots: Path, playwright):
         self.folder, self.shots, self.token, self.port = folder, shots, "bwl-test", _free_port()
         self.log = open(shots / "jupyterlab.log", "w")  # noqa: SIM115 (closed in close(), after the server)
+        settings = folder.parent / "lab-settings"  # every cell in the DOM (no windowing); no news pop-up
+        for plugin, values in (("notebook-extension/tracker", {"windowingMode": "none"}),
+                               ("apputils-extension/notification", {"fetchNews": "false"})):
+            path = settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(values))
         self.server = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={self.port}", "--ip=127.0.0.1",
              f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={folder}",
-             "--LabApp.expose_app_in_browser=True", "--allow-root", "--LabApp.extension_manager=readonly"],
+             "--LabApp.expose_app_in_browser=True", "--allow-root", "--LabApp.extension_manager=readonly",
+             f"--LabApp.user_settings_dir={settings}"],
             stdout=subprocess.DEVNULL, stderr=self.log, cwd=folder,
         )
         deadline = time.time() + 120
@@ -85,7 +93,11 @@ class Lab:
                                     ".connectionStatus === 'connected'", timeout=120_000)
 
     def run_all(self, timeout_s: float = 600) -> None:
-        """Run every cell and wait until the kernel is idle with no cell pending."""
+        """Clear the outputs (and execution counts) a notebook was saved with, run every cell and wait until the
+        kernel is idle with every code cell executed."""
+        self.page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
+        self.page.wait_for_function("() => window.jupyterapp.shell.currentWidget.content.widgets"
+                                    ".every(c => c.model.type !== 'code' || c.model.executionCount === null)")
         self.page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
         self.page.wait_for_function(
             "() => { const nb = window.jupyterapp.shell.currentWidget; const cells = nb.content.widgets;"
@@ -192,7 +204,7 @@ def test_block_explorer_slider_changes_the_image_and_back(lab, tmp_path):
     study.train_all([identity("locon"), style("locon")])
     lab.open(notebook_copy("05_block_explorer.ipynb", lab.folder, runs))
     lab.run_all()
-    lab.page.wait_for_selector(".jp-OutputArea-output .widget-image", timeout=120_000)
+    lab.page.wait_for_selector(".jp-OutputArea-output .widget-image", timeout=300_000)
     time.sleep(1)
     lab.shot("explorer-before")
     first = image_bytes(lab)
@@ -219,7 +231,8 @@ def test_caption_editor_removes_a_tag_and_saves_only_the_captions(lab, tmp_path)
     before = _folder_state(folder)
     lab.open(notebook_copy("01_data_preparation.ipynb", lab.folder, runs))
     lab.run_all()
-    lab.page.get_by_role("button", name="save captions").wait_for(timeout=120_000)
+    lab.shot("data-preparation-run")
+    lab.page.get_by_role("button", name="save captions").wait_for(timeout=60_000)
     lab.shot("caption-editor")
     lab.page.get_by_placeholder("tag").fill("extra tag")
     lab.page.get_by_role("button", name="remove from all").click()
