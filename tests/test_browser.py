@@ -215,6 +215,7 @@ def test_block_explorer_slider_changes_the_image_and_back(lab, tmp_path):
     back = wait_for_new_image(lab, changed)
     lab.shot("explorer-style-OUT3-back-at-1")
     assert changed != first and back == first
+    assert lab.page.locator(".jp-OutputArea-output table", has_text="pixel difference").count() == 1  # the analyzer
     assert not lab.front_end_errors(), lab.front_end_errors()
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 from bwl.adapters.blocks import PAPER_BLOCKS
 from bwl.adapters.compose import load_adapters, set_block_weights
 from bwl.adapters.report import inspect_adapter
+from bwl.core.atomic import atomic_path
 from bwl.sd.generate import generate
 from bwl.study.console import progress
 from bwl.study.metrics import Estimate, Scores, mean_ci
@@ -105,8 +106,9 @@ def effects_markdown(effects: Sequence[BlockEffect]) -> str:
     return "\n".join([header, "|---" * (2 + len(METRICS)) + "|", *(e.row() for e in effects)]) + "\n"
 
 
-def effects_figure(effects: Sequence[BlockEffect], title: str = "") -> Figure:
-    """Bar charts, one per measure, of each block's effect with its 95 % CI; blocks without weights say so."""
+def effects_figure(effects: Sequence[BlockEffect], title: str = "", out: Path | None = None) -> Figure:
+    """Bar charts, one per measure, of each block's effect with its 95 % CI; blocks without weights say so. Saved
+    to ``out`` (PNG) when given."""
     measures = ["pixel difference"] + [m.value for m in METRICS
                                        if any(m in e.metric_changes for e in effects)]
     fig = Figure(figsize=(4 * len(measures), 3.2))
@@ -128,4 +130,7 @@ def effects_figure(effects: Sequence[BlockEffect], title: str = "") -> Figure:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    if out is not None:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     return fig
