@@ -143,19 +143,15 @@ def bwl_fields(path: str | Path, metadata: dict[str, str]) -> dict[str, Any]:
     return {field: parse(path, metadata[field]) for field, parse in BWL_FIELDS.items() if field in metadata}
 
 
-def _json_any(text: str) -> Any:
-    return json.loads(text)
-
-
 KOHYA_FIELDS: dict[str, Callable[[str], Any]] = {
     "ss_network_dim": int,
     "ss_network_alpha": float,
-    "ss_network_args": _json_any,
+    "ss_network_args": json.loads,
     "ss_max_train_steps": int,
     "ss_learning_rate": float,
     "ss_unet_lr": float,
     "ss_text_encoder_lr": float,
-    "ss_tag_frequency": _json_any,
+    "ss_tag_frequency": json.loads,
 }
 """The kohya fields bwl reads, with their types (as sd-scripts writes them)."""
 

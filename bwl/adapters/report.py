@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bwl.adapters.blocks import FINE_BLOCKS, PAPER_BLOCKS, fine_block, format_blocks, paper_block
-from bwl.adapters.metadata import kohya_fields
+from bwl.adapters.metadata import UNREADABLE, kohya_fields
 from bwl.adapters.modules import read_modules
 
 TEXT_ENCODER_ROW = "BASE"
@@ -53,7 +53,7 @@ class AdapterReport:
         if self.not_placed:
             shown = ", ".join(f"{name} ({n:,} params)" for name, n in self.not_placed.items())
             lines.append(f"not placed (outside the nine blocks): {shown}")
-        unreadable = [k for k, v in self.metadata.items() if k.startswith("ss_") and v == "unreadable"]
+        unreadable = [k for k, v in self.metadata.items() if k.startswith("ss_") and v == UNREADABLE]
         if unreadable:
             lines.append(f"unreadable kohya metadata: {', '.join(unreadable)}")
         return "\n".join(lines)
