@@ -322,8 +322,8 @@ def test_optimizer_and_precision_choices_are_checked_when_configured():
     params = [torch.nn.Parameter(torch.zeros(2))]
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ImportError, match="optimizer='adamw8bit' needs bitsandbytes"):
-            make_optimizer([params], TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
-    assert make_optimizer([params], TrainConfig(), torch.device("cpu")).defaults["fused"]
+            make_optimizer([{"params": params}], TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+    assert make_optimizer([{"params": params}], TrainConfig(), torch.device("cpu")).defaults["fused"]
 
 
 def test_norms_in_compute_dtype_round_only_and_only_inside_the_block():

@@ -1,7 +1,12 @@
 """Composition at inference: several adapters in one pipeline, each scaled per block.
 
 diffusers' ``set_adapters`` block dicts only reach attention layers (IN3, OUT0 and resnets are silently left at
-1.0). Here every LoRA layer, LoCon convs included, gets the weight of the kohya fine block its name falls in.
+1.0). Here every adapter layer, LoCon convs included, gets the weight of the kohya fine block its name falls in. A
+weight of 0 switches the adapter off in that layer (exactly the base layer, DoRA's magnitude included); OFT, a
+rotation, takes only 0 or 1.
+
+Plain LoRA/LoCon files load through diffusers' ``load_lora_weights``; DoRA, LoHa, LoKr and OFT files through peft
+(the config their tensors imply, then ``set_peft_model_state_dict``), after the same name and shape checks.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
-from peft.tuners.lora import LoraLayer
+from peft.utils import set_peft_model_state_dict
 
 from bwl.adapters.blocks import block_weights, fine_block
 from bwl.adapters.files import check_safetensors
-from bwl.adapters.modules import fitted_modules
+from bwl.adapters.metadata import AdapterFileError
+from bwl.adapters.methods import carries, is_adapter_layer
+from bwl.adapters.modules import AdapterContents, ModuleAdapter, fitted_modules
+from bwl.adapters.spec import config_for_modules
 from bwl.sd.pipeline import quiet_loading
 
 BlockWeights = float | str | Mapping[str, float] | Sequence[float]
@@ -44,7 +52,10 @@ def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> 
     or one whose shapes do not fit, is an :class:`AdapterFileError` naming it and both shapes.
     """
     path = check_safetensors(path)
-    fitted_modules(path, pipe.unet, getattr(pipe, "text_encoder", None))
+    contents, resolved = fitted_modules(path, pipe.unet, getattr(pipe, "text_encoder", None))
+    if contents.method not in ("lora", "locon") or contents.dora:
+        _load_with_peft(pipe, contents, resolved["unet"], name)
+        return
     filters = {"diffusers.loaders.lora_base": _no_text_encoder_notice,
                "transformers.integrations.peft": _base_weights_missing_report}
     for logger, drop in filters.items():
@@ -56,6 +67,26 @@ def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> 
     finally:
         for logger, drop in filters.items():
             logging.getLogger(logger).removeFilter(drop)
+
+
+def _load_with_peft(
+    pipe: StableDiffusionPipeline, contents: AdapterContents, modules: dict[str, ModuleAdapter], name: str
+) -> None:
+    """Add adapter ``name`` to the U-Net with the peft config ``modules`` imply, and load their tensors into it."""
+    if contents.text_encoder:
+        raise AdapterFileError(f"{contents.path}: text-encoder modules with method {contents.method!r}; the text "
+                               "encoder takes plain LoRA only")
+    config = config_for_modules({n: (m.rank, m.alpha) for n, m in modules.items()}, contents.method, contents.dora)
+    if contents.method == "lokr":  # w1 factored into w1_a/w1_b somewhere: peft's decompose_both
+        config.decompose_both = any(m.options.get("decompose_both") for m in modules.values())
+    pipe.unet.add_adapter(config, adapter_name=name)
+    state = {f"{module}.{tensor}": value for module, m in modules.items() for tensor, value in m.tensors.items()}
+    result = set_peft_model_state_dict(pipe.unet, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        pipe.unet.delete_adapters(name)
+        raise AdapterFileError(f"{contents.path}: peft did not place {unexpected[0]} (and {len(unexpected) - 1} more)")
+    pipe.unet.requires_grad_(False)
 
 
 def load_adapters(pipe: StableDiffusionPipeline, files: Mapping[str, str | Path]) -> None:
@@ -92,17 +123,25 @@ def set_block_weights(
         pipe.disable_lora()
         return resolved
     pipe.enable_lora()
-    pipe.set_adapters(names)
     scalar = {n: float(w) for n, w in adapters.items() if isinstance(w, (int, float)) and not isinstance(w, bool)}
     for component, is_text_encoder in ((pipe.unet, False), (getattr(pipe, "text_encoder", None), True)):
         if component is None:
             continue
         for module_name, module in component.named_modules():
-            if not isinstance(module, LoraLayer):
+            if not is_adapter_layer(module):
                 continue
             key = "BASE" if is_text_encoder else _weight_key(module_name)
-            for name in names:
-                if name in module.lora_A:
-                    weight = resolved[name][key] if key else scalar.get(name, 1.0)
-                    module.set_scale(name, weight)
+            weights = {n: (resolved[n][key] if key else scalar.get(n, 1.0)) for n in names if carries(module, n)}
+            module.set_adapter([n for n, w in weights.items() if w != 0])
+            for name, weight in weights.items():
+                _set_scale(module, name, weight, f"{name!r} on {key or module_name}")
     return resolved
+
+
+def _set_scale(module, name: str, weight: float, where: str) -> None:
+    if weight == 0:
+        return
+    if hasattr(module, "scaling"):
+        module.set_scale(name, weight)
+    elif weight != 1:
+        raise ValueError(f"adapter {where}: weight {weight:g}; an OFT adapter (a rotation) takes 0 or 1 per block")

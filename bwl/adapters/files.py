@@ -1,6 +1,7 @@
 """Adapter files: one ``.safetensors`` per adapter, loadable by ``StableDiffusionPipeline.load_lora_weights``.
 
-Layout (diffusers' own): tensors ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, and
+Layout (diffusers' own): tensors ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (or the method's own peft
+tensors: ``lora_magnitude_vector``, ``hada_w1_a``…, ``lokr_w1``…, ``oft_R.weight``), and
 ``text_encoder.<module>...`` when the text encoder is adapted too; metadata ``lora_adapter_metadata`` (the peft configs
 keyed ``unet.*`` and ``text_encoder.*``, so ranks and alphas reload exactly) plus ``bwl_*`` keys that record method,
 blocks, per-block ranks, alpha, base model, trigger word, steps and bwl version (:mod:`bwl.adapters.metadata`).
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bwl import __version__
 from bwl.adapters.metadata import AdapterFileError, bwl_fields
+from bwl.adapters.methods import carries
 from bwl.adapters.spec import AdapterSpec
 from bwl.core.atomic import atomic_path
 
@@ -74,7 +75,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def has_adapter(model: torch.nn.Module | None, name: str) -> bool:
     """Whether ``model`` carries peft adapter ``name``."""
-    return model is not None and any(isinstance(m, LoraLayer) and name in m.lora_A for m in model.modules())
+    return model is not None and any(carries(m, name) for m in model.modules())
 
 
 def adapter_state_dict(
@@ -99,8 +100,10 @@ def save_adapter(
     steps: int = 0,
     dtype: torch.dtype | None = None,
     text_encoder: torch.nn.Module | None = None,
+    training: dict[str, str] | None = None,
 ) -> Path:
-    """Write adapter ``name`` of ``unet`` (and of ``text_encoder``, where it has one) to ``path`` atomically."""
+    """Write adapter ``name`` of ``unet`` (and of ``text_encoder``, where it has one) to ``path`` atomically.
+    ``training`` adds ``bwl_*`` fields on how it was trained (per-block learning rates, LoRA+)."""
     tensors = adapter_state_dict(unet, name, text_encoder)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
@@ -116,6 +119,7 @@ def save_adapter(
         "bwl_base_model": str(base_model),
         "bwl_trigger": str(trigger),
         "bwl_steps": str(int(steps)),
+        **(training or {}),
     }
     configs = {"unet": unet.peft_config[name].to_dict()}
     if spec.text_encoder:

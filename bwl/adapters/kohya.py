@@ -1,8 +1,17 @@
-"""kohya/A1111 interchange: export bwl adapters to ``lora_unet_*``/``lora_te_*`` files and import such files.
+"""kohya/A1111 and LyCORIS interchange: export bwl adapters to ``lora_unet_*``/``lora_te_*`` files, import such files.
 
 kohya names a U-Net module ``lora_unet_`` + its diffusers name with dots as underscores, a text-encoder module
 ``lora_te_text_model_...``, and stores ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (scale = alpha / rank).
-Training settings live in ``ss_*`` metadata; per-block ranks in ``ss_network_args`` as 25-value ``block_dims``.
+LyCORIS, which A1111 and ComfyUI also read, adds per method:
+
+- DoRA: ``.dora_scale``, one magnitude per output channel (``wd_on_output``), shaped ``(out, 1)`` or ``(out, 1, 1, 1)``;
+- LoHa: ``.hada_w1_a``, ``.hada_w1_b``, ``.hada_w2_a``, ``.hada_w2_b`` (scale = alpha / rank);
+- LoKr: ``.lokr_w1`` or ``.lokr_w1_a``/``_b``, and ``.lokr_w2`` or ``.lokr_w2_a``/``_b``; scale = alpha / rank, except
+  that a module whose two factors are both kept whole is scaled by 1 (bwl folds peft's scale into ``lokr_w1`` then).
+
+Training settings live in ``ss_*`` metadata: ``ss_network_module`` (``networks.lora``, or ``lycoris.kohya`` with
+``algo``, ``conv_dim``, ``conv_alpha`` and ``dora_wd`` in ``ss_network_args``), per-block ranks as 25-value
+``block_dims``. OFT files are not exported: LyCORIS' Diag-OFT parametrizes the rotation differently from peft's.
 Import checks every module's name and shapes against the target model before it writes anything.
 """
 
@@ -14,13 +23,13 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_kohya
 from safetensors.torch import save_file
 
 from bwl.adapters.blocks import FINE_BLOCKS, fine_block, format_blocks, paper_block
 from bwl.adapters.files import write_adapter_file
 from bwl.adapters.metadata import AdapterFileError, bwl_fields, kohya_fields
-from bwl.adapters.modules import ModuleLoRA, check_fits, read_modules
+from bwl.adapters.methods import METHODS, method_label
+from bwl.adapters.modules import ModuleAdapter, check_fits, read_modules
 from bwl.adapters.spec import config_for_modules
 from bwl.adapters.text_encoder import KOHYA_PREFIX, kohya_module_name
 from bwl.core.atomic import atomic_path
@@ -30,11 +39,11 @@ def _block_list(values: dict[str, float], default: float = 0) -> str:
     return ",".join(f"{values.get(f, default):g}" for f in FINE_BLOCKS)
 
 
-def _most_common(modules: list[ModuleLoRA]) -> tuple[int, float]:
+def _most_common(modules: list[ModuleAdapter]) -> tuple[int, float]:
     return Counter((m.rank, m.alpha) for m in modules).most_common(1)[0][0]
 
 
-def _network_args(linear: list[ModuleLoRA], conv: list[ModuleLoRA], alpha: float, spec: dict) -> dict[str, str]:
+def _network_args(linear: list[ModuleAdapter], conv: list[ModuleAdapter], alpha: float, spec: dict) -> dict[str, str]:
     """kohya's ``ss_network_args``: per-block dims and alphas, and the conv settings of a LoCon."""
     args = {
         "block_dims": _block_list({fine_block(m.name): m.rank for m in linear}),
@@ -54,37 +63,67 @@ def _network_args(linear: list[ModuleLoRA], conv: list[ModuleLoRA], alpha: float
     return args
 
 
+def kohya_tensors(module: ModuleAdapter, key: str) -> dict[str, torch.Tensor]:
+    """One module's tensors under kohya/LyCORIS names (``key`` is its ``lora_unet_…``/``lora_te_…`` name)."""
+    tensors, alpha = dict(module.tensors), module.alpha
+    if module.peft_type == "LORA":
+        out = {f"{key}.lora_down.weight": tensors["lora_A.weight"], f"{key}.lora_up.weight": tensors["lora_B.weight"]}
+        if module.dora:
+            shape = (-1, 1, 1, 1) if module.down.ndim == 4 else (-1, 1)
+            out[f"{key}.dora_scale"] = tensors["lora_magnitude_vector"].reshape(shape)
+    elif module.peft_type in ("LOHA", "LOKR"):
+        if "lokr_w1" in tensors and "lokr_w2" in tensors:  # LyCORIS scales two whole factors by 1, peft by alpha/r
+            tensors["lokr_w1"] = tensors["lokr_w1"] * (module.alpha / module.rank)
+            alpha = float(module.rank)
+        out = {f"{key}.{name}": value for name, value in tensors.items()}
+    else:
+        raise AdapterFileError(f"module {module.name}: {module.peft_type} has no LyCORIS layout bwl writes "
+                               "(LyCORIS' Diag-OFT parametrizes the rotation differently from peft's OFT)")
+    out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _lycoris_args(contents, linear: list[ModuleAdapter], conv: list[ModuleAdapter], alpha: float, spec: dict):
+    """``ss_network_module`` and ``ss_network_args`` as kohya (plain LoRA/LoCon) or LyCORIS (the rest) write them."""
+    args = _network_args(linear, conv, alpha, spec)
+    method = METHODS[contents.method]
+    if method.lycoris_algo is None and not contents.dora:
+        return "networks.lora", args
+    args["algo"] = method.lycoris_algo or contents.method
+    if contents.dora:
+        args.update(dora_wd="True", wd_on_output="True")
+    if contents.method == "lokr":
+        args["factor"] = "-1"
+    return "lycoris.kohya", args
+
+
 def export_kohya(path: str | Path, out: str | Path) -> Path:
-    """Convert a bwl adapter file to kohya/A1111 format (``lora_unet_*``/``lora_te_*`` keys, true alphas, ``ss_*``)."""
+    """Convert a bwl adapter file to kohya/A1111 (LoRA, LoCon) or LyCORIS (DoRA, LoHa, LoKr) format, with true alphas
+    and ``ss_*`` metadata. OFT is refused by name."""
     contents = read_modules(path)
     if contents.format != "diffusers":
         raise AdapterFileError(f"{path}: already in kohya format")
     meta = contents.metadata
     spec = bwl_fields(path, meta).get("bwl_spec", {})
-    unet_modules = contents.unet + contents.unplaced
-    peft_state = {}
-    for m in unet_modules:
-        peft_state[f"unet.{m.name}.lora_A.weight"] = m.down
-        peft_state[f"unet.{m.name}.lora_B.weight"] = m.up
-    kohya = convert_state_dict_to_kohya(peft_state) if peft_state else {}
-    for m in unet_modules:
-        kohya[f"lora_unet_{m.name.replace('.', '_')}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
-    for m in contents.text_encoder:  # diffusers' converter names SD1's text encoder lora_te1 (SDXL's name)
-        key = KOHYA_PREFIX + kohya_module_name(m.name)
-        kohya[f"{key}.lora_down.weight"] = m.down
-        kohya[f"{key}.lora_up.weight"] = m.up
-        kohya[f"{key}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
-    kohya = {k: v.contiguous() for k, v in kohya.items()}
+    kohya: dict[str, torch.Tensor] = {}
+    try:
+        for m in contents.unet + contents.unplaced:
+            kohya.update(kohya_tensors(m, f"lora_unet_{m.name.replace('.', '_')}"))
+        for m in contents.text_encoder:  # diffusers' converter names SD1's text encoder lora_te1 (SDXL's name)
+            kohya.update(kohya_tensors(m, KOHYA_PREFIX + kohya_module_name(m.name)))
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
     linear = [m for m in contents.unet if not m.is_conv3x3]
     conv = [m for m in contents.unet if m.is_conv3x3]
     dim, alpha = _most_common(linear or contents.unet or contents.text_encoder)
     if spec:  # kohya's network_dim is the default rank that block_dims override: the spec's rank
         dim, alpha = spec["rank"], float(spec["alpha"] if spec["alpha"] is not None else spec["rank"])
+    network_module, args = _lycoris_args(contents, linear, conv, alpha, spec)
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(dim),
         "ss_network_alpha": f"{alpha:g}",
-        "ss_network_args": json.dumps(_network_args(linear, conv, alpha, spec)),
+        "ss_network_args": json.dumps(args),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
         "ss_sd_model_name": meta.get("bwl_base_model", ""),
@@ -100,7 +139,8 @@ def export_kohya(path: str | Path, out: str | Path) -> Path:
 def import_kohya(
     path: str | Path, pipe: StableDiffusionPipeline, out: str | Path, drop_unplaced: bool = False
 ) -> Path:
-    """Convert a kohya-format SD1.x LoRA/LoCon (U-Net and text encoder) to a bwl adapter file for ``pipe``'s model.
+    """Convert a kohya/LyCORIS SD1.x LoRA, LoCon, DoRA, LoHa or LoKr file (U-Net and text encoder) to a bwl adapter
+    file for ``pipe``'s model.
 
     Every module is checked against ``pipe``'s U-Net and text encoder, names and shapes, before anything is written.
     U-Net modules outside the nine blocks (``conv_in``, ``time_embedding``) are refused by name unless
@@ -114,15 +154,21 @@ def import_kohya(
         raise AdapterFileError(f"{path}: modules outside the nine U-Net blocks, which a bwl adapter does not place: "
                                f"{names}; pass drop_unplaced=True (--drop-unplaced) to import without them")
     contents.unplaced = []
+    if contents.text_encoder and (contents.method not in ("lora", "locon") or contents.dora):
+        raise AdapterFileError(f"{path}: text-encoder modules in a {method_label(contents.method, contents.dora)} "
+                               "file; bwl's text encoder takes plain LoRA only")
     resolved = check_fits(contents, pipe.unet, pipe.text_encoder)
     tensors: dict[str, torch.Tensor] = {}
     configs = {}
     for component, modules in resolved.items():
         for name, m in modules.items():
-            tensors[f"{component}.{name}.lora_A.weight"] = m.down.contiguous()
-            tensors[f"{component}.{name}.lora_B.weight"] = m.up.contiguous()
+            tensors.update({f"{component}.{name}.{t}": v.contiguous() for t, v in m.tensors.items()})
         if modules:
-            configs[component] = config_for_modules({n: (m.rank, m.alpha) for n, m in modules.items()}).to_dict()
+            method = contents.method if component == "unet" else "lora"
+            config = config_for_modules({n: (m.rank, m.alpha) for n, m in modules.items()}, method, contents.dora)
+            if method == "lokr":
+                config.decompose_both = any(m.options.get("decompose_both") for m in modules.values())
+            configs[component] = config.to_dict()
     source = kohya_fields(contents.metadata)
     steps = source.get("ss_max_train_steps", "")
     unet = resolved["unet"]
@@ -130,7 +176,7 @@ def import_kohya(
         "bwl_method": contents.method,
         "bwl_blocks": format_blocks({paper_block(n) for n in unet}),
         "bwl_block_ranks": json.dumps({fine_block(n): m.rank for n, m in unet.items()}),
-        "bwl_alpha": json.dumps(configs["unet"]["lora_alpha"] if unet else None),
+        "bwl_alpha": json.dumps(configs["unet"].get("lora_alpha", configs["unet"].get("alpha")) if unet else None),
         "bwl_base_model": source.get("ss_sd_model_name", ""),
         "bwl_trigger": "",
         "bwl_steps": steps if steps.isdigit() else "0",

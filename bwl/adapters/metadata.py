@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bwl.adapters.blocks import FINE_BLOCKS, BlockSpecError, parse_blocks
-from bwl.adapters.spec import METHODS, AdapterSpec
+from bwl.adapters.methods import METHODS
+from bwl.adapters.spec import AdapterSpec
 
 
 class AdapterFileError(ValueError):
@@ -21,6 +22,7 @@ class AdapterFileError(ValueError):
 
 
 PEFT_COMPONENTS = ("unet", "text_encoder")
+PEFT_TYPES = tuple(dict.fromkeys(m.peft_type for m in METHODS.values()))
 UNREADABLE = "unreadable"
 
 
@@ -69,9 +71,16 @@ def peft_configs(path: str | Path, metadata: dict[str, str]) -> dict[str, dict[s
         configs.setdefault(component, {})[name] = value
     for component, config in configs.items():
         where = f"{field}: {component}"
+        peft_type = config.get("peft_type", "LORA")
+        _check(path, f"{where}.peft_type", peft_type in PEFT_TYPES, f"one of {', '.join(PEFT_TYPES)}", peft_type)
+        if peft_type == "OFT":
+            size = config.get("oft_block_size")
+            _check(path, f"{where}.oft_block_size", _positive_int(size), "an integer >= 1", size)
+            continue
         _check(path, f"{where}.r", _positive_int(config.get("r")), "an integer >= 1", config.get("r"))
-        alpha = config.get("lora_alpha")
-        _check(path, f"{where}.lora_alpha", _number(alpha), "a number", alpha)
+        alpha_field = "lora_alpha" if peft_type == "LORA" else "alpha"
+        alpha = config.get(alpha_field)
+        _check(path, f"{where}.{alpha_field}", _number(alpha), "a number", alpha)
         for pattern, valid, expected in (("rank_pattern", _positive_int, "integers >= 1"),
                                          ("alpha_pattern", _number, "numbers")):
             values = config.get(pattern) or {}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bwl.adapters.blocks import FINE_BLOCKS, PAPER_BLOCKS, fine_block, format_blocks, paper_block
 from bwl.adapters.metadata import UNREADABLE, kohya_fields
+from bwl.adapters.methods import method_label
 from bwl.adapters.modules import read_modules
 
 TEXT_ENCODER_ROW = "BASE"
@@ -87,7 +88,7 @@ def inspect_adapter(path: str | Path) -> AdapterReport:
     return AdapterReport(
         path=str(path),
         format=contents.format,
-        method=contents.method,
+        method=method_label(contents.method, contents.dora),
         blocks=blocks,
         ranks={b: sorted(r) for b, r in ranks.items()},
         alphas={b: sorted(a) for b, a in alphas.items()},

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bwl.adapters.block_lr import block_lr_weights, zero_lr_blocks
+from bwl.adapters.blocks import BlockSpecError
+from bwl.adapters.methods import get_method
 from bwl.adapters.spec import AdapterSpec
-from bwl.core.config import coerce_fields, require
+from bwl.core.config import ConfigError, coerce_fields, require
 from bwl.sd.pipeline import PAPER_MODEL
 
 # Fields that change where a run writes, how often it reports or saves, or whether it continues, but not the adapter
 # it trains (checkpoints restore exactly, so saving them changes nothing). Every other field is part of a run's key.
 RESULT_NEUTRAL_FIELDS = frozenset({"output_dir", "resume", "stop_after", "log_every", "checkpoint_every",
                                    "keep_checkpoints", "sample_every", "sample_prompts", "log_with"})
+# Fields added after adapters were first keyed, with the value at which they train exactly what bwl trained before
+# they existed: they enter a run's key only when set otherwise, so existing adapters keep their keys. These
+# defaults must never change.
+KEYED_WHEN_SET = {"dora": False, "block_lr": None, "block_lr_zero_threshold": 0.0, "loraplus_lr_ratio": None}
 
 
 @dataclass
@@ -28,13 +36,17 @@ class TrainConfig:
     repeats: int = 25
     reg_dir: str | None = None
     prior_loss_weight: float = 1.0
-    method: Literal["lora", "locon"] = "lora"
+    method: Literal["lora", "locon", "loha", "lokr", "oft"] = "lora"
+    dora: bool = False  # DoRA on lora/locon (peft's use_dora; LyCORIS' dora_wd)
     blocks: str = "all"
     rank: int = 4
     alpha: float | None = None
     conv_rank: int | None = None
     conv_alpha: float | None = None
     block_ranks: dict[str, int] = field(default_factory=dict)
+    block_lr: str | dict | list[float] | None = None  # per-block LR multipliers: a kohya preset, down/mid/up, blocks
+    block_lr_zero_threshold: float = 0.0  # kohya's: a multiplier at or below it is 0, and its block is not created
+    loraplus_lr_ratio: float | None = None  # LoRA+: LoRA's B matrices at this multiple of the learning rate
     train_text_encoder: bool = False  # the paper trains the U-Net only; kohya both, unless network_train_unet_only
     text_encoder_lr: float | None = None  # kohya's text_encoder_lr; None: learning_rate
     resolution: int = 512
@@ -99,16 +111,41 @@ class TrainConfig:
             ("keep_checkpoints", self.keep_checkpoints >= 1, positive), ("log_every", self.log_every >= 1, positive),
             ("sample_every", self.sample_every >= 0, ">= 0 (0: no samples)"),
             ("stop_after", self.stop_after is None or self.stop_after >= 1, f"None or {positive}"),
+            ("loraplus_lr_ratio", self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "None or > 0"),
+            ("loraplus_lr_ratio", self.loraplus_lr_ratio is None or get_method(self.method).peft_type == "LORA",
+             f"unset for method {self.method!r} (LoRA+ speeds up LoRA's B matrices; {self.method} has none)"),
         ])
+        try:
+            block_lr_weights(self.block_lr, self.block_lr_zero_threshold)
+        except BlockSpecError as err:
+            raise ConfigError(f"block_lr={self.block_lr!r} is not valid: {err}") from None
 
     def adapter_spec(self) -> AdapterSpec:
-        """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI)."""
+        """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI). Fine blocks
+        whose learning-rate multiplier is 0 are not created (rank 0), as kohya does."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterSpec) if f.name != "text_encoder"}
+        zero = zero_lr_blocks(self.block_lr, self.block_lr_zero_threshold)
+        values["block_ranks"] = {**self.block_ranks, **dict.fromkeys(zero, 0)}
         return AdapterSpec(**values, text_encoder=self.train_text_encoder)
+
+    def block_lr_weights(self) -> dict[str, float]:
+        """The learning-rate multiplier of each kohya fine block."""
+        return block_lr_weights(self.block_lr, self.block_lr_zero_threshold)
+
+    def training_metadata(self) -> dict[str, str]:
+        """What an adapter file records about how it was trained, beyond its spec (per-block LR, LoRA+)."""
+        metadata = {}
+        if self.block_lr is not None:
+            metadata["bwl_block_lr"] = json.dumps(self.block_lr_weights())
+        if self.loraplus_lr_ratio is not None:
+            metadata["bwl_loraplus_lr_ratio"] = f"{self.loraplus_lr_ratio:g}"
+        return metadata
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def result_values(self) -> dict:
-        """Every field that can change the trained adapter, defaults included (all but ``RESULT_NEUTRAL_FIELDS``)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESULT_NEUTRAL_FIELDS}
+        """Every field that can change the trained adapter, defaults included (all but ``RESULT_NEUTRAL_FIELDS``, and
+        the ``KEYED_WHEN_SET`` fields at their neutral values)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RESULT_NEUTRAL_FIELDS and not (k in KEYED_WHEN_SET and v == KEYED_WHEN_SET[k])}

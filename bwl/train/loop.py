@@ -143,7 +143,8 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     final = out / "adapter.safetensors"
     if accelerator.is_main_process:
         save_adapter(unet, final, run.spec, ADAPTER, base_model=config.model, trigger=config.trigger,
-                     steps=config.steps, text_encoder=run.text_encoder if run.spec.text_encoder else None)
+                     steps=config.steps, text_encoder=run.text_encoder if run.spec.text_encoder else None,
+                     training=config.training_metadata())
     return final
 
 

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 
+from bwl.adapters.block_lr import parameter_multiplier
 from bwl.adapters.spec import adapted_modules, add_adapter
 from bwl.adapters.text_encoder import add_text_encoder_adapter
 from bwl.data.datasets import Example, load_images, scan_dataset, shuffle_caption
@@ -117,15 +118,32 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def make_optimizer(
-    groups: list[list[torch.nn.Parameter]], config: TrainConfig, device: torch.device
-) -> torch.optim.Optimizer:
-    """AdamW over the U-Net adapter (``learning_rate``) and, where trained, the text encoder's (``text_encoder_lr``).
+def parameter_groups(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: TrainConfig
+) -> list[dict]:
+    """The optimizer's parameter groups: the U-Net adapter's at ``learning_rate`` times each fine block's multiplier
+    (``block_lr``) and, for LoRA's B matrices, the LoRA+ ratio, one group per distinct rate in parameter order; then
+    the text encoder's at ``text_encoder_lr``. Each group records its ``multiplier``."""
+    weights = config.block_lr_weights()
+    by_multiplier: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in unet.named_parameters():
+        if param.requires_grad:
+            by_multiplier.setdefault(parameter_multiplier(name, weights, config.loraplus_lr_ratio), []).append(param)
+    groups = [{"params": params, "lr": config.learning_rate * m, "multiplier": m}
+              for m, params in by_multiplier.items()]
+    trained = [p for p in text_encoder.parameters() if p.requires_grad] if text_encoder is not None else []
+    if trained:
+        rate = config.text_encoder_lr or config.learning_rate
+        groups.append({"params": trained, "lr": rate, "multiplier": rate / config.learning_rate})
+    return groups
+
+
+def make_optimizer(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (:func:`parameter_groups`).
 
     Fused where the device has a fused kernel, 8-bit (bitsandbytes) when ``optimizer='adamw8bit'``.
     """
-    rates = (config.learning_rate, config.text_encoder_lr or config.learning_rate)
-    params = [{"params": group, "lr": lr} for group, lr in zip(groups, rates)]
+    params = groups
     kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     if config.optimizer == "adamw8bit":
@@ -187,8 +205,8 @@ class TrainingRun:
         self.text_cache = TextCache(pipe.tokenizer, text_forward, memoize=not config.shuffle_tags,
                                     trainable=self.spec.text_encoder)
         self.reg_weight = torch.tensor([config.prior_loss_weight if ex.is_reg else 1.0 for ex in self.data.examples])
-        groups = [[p for p in model.parameters() if p.requires_grad] for model in adapted]
-        self.trainable = [p for group in groups for p in group]
+        groups = parameter_groups(unet, self.text_encoder if self.spec.text_encoder else None, config)
+        self.trainable = [p for group in groups for p in group["params"]]
         self.optimizer = make_optimizer(groups, config, device)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.steps)
