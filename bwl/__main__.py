@@ -1,5 +1,5 @@
-"""Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, findings, gates,
-pretrain, probe, demo.
+"""Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, methods, findings,
+gates, pretrain, probe, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, or a failed notebook) is one line
 on stderr, ``bwl: error: <message>``, and exit status 2; ``--debug`` shows its traceback. Unexpected exceptions still
@@ -25,9 +25,11 @@ from bwl.study.demo import run_demo
 from bwl.study.figures import block_sweep
 from bwl.study.findings import findings_markdown
 from bwl.study.gates import gates as measure_gates
+from bwl.study.methods import run_methods
 from bwl.study.profile import load_profile
 from bwl.study.runner import StudyFailed, run_study
 from bwl.study.study import Study
+from bwl.study.vocabulary import Concept
 from bwl.toy.assets import train_and_save_probe
 from bwl.toy.pretrain import PretrainConfig, pretrain
 from bwl.train import TrainConfig, TrainingDiverged, train
@@ -68,6 +70,11 @@ def parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--profile", default="sweep")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    methods = commands.add_parser(
+        "methods", help="methods study: LoRA, LoCon, LoHa, LoKr, DoRA, OFT, each block-wise, C1-C3 per method"
+    )
+    methods.add_argument("--profile", default="methods")
+    methods.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
     gates.add_argument("--profile", default="toy")
@@ -110,6 +117,11 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         print(json.dumps(train_and_save_probe(steps=args.steps), indent=2))
     elif args.command == "sweep":
         print(block_sweep(Study(load_profile(args.profile, _overrides(cli, args.overrides))))[1])
+    elif args.command == "methods":
+        study = Study(load_profile(args.profile, _overrides(cli, args.overrides)))
+        if not study.concept_dir(Concept.STYLE).is_dir():
+            study.prepare_data()
+        print(run_methods(study))
     elif args.command == "gates":
         print(json.dumps(measure_gates(args.profile, args.count), indent=2))
     elif args.command == "findings":

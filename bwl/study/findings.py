@@ -96,10 +96,10 @@ def claim_verdict(comparisons: list[Comparison]) -> str:
     return "does not hold"
 
 
-def findings_markdown(results: list[CellResult]) -> str:
+def findings_markdown(results: list[CellResult], claims: tuple[Claim, ...] = CLAIMS) -> str:
     """One table per claim: each comparison's identity and style differences and its verdict."""
     lines = []
-    for claim in CLAIMS:
+    for claim in claims:
         comparisons = [compare(results, *pair) for pair in claim.pairs]
         lines += [f"**{claim.name}: {claim.text}: {claim_verdict(comparisons)}.**", "",
                   "| grid | cell | vs | Δ identity | Δ style | verdict |", "|---|---|---|---|---|---|"]
@@ -111,10 +111,10 @@ def findings_markdown(results: list[CellResult]) -> str:
     return "\n".join(lines)
 
 
-def decidable(results: list[CellResult]) -> bool:
+def decidable(results: list[CellResult], claims: tuple[Claim, ...] = CLAIMS) -> bool:
     """Whether the results hold every compared cell with fidelity scores (a probe-scored run of all four grids)."""
     try:
-        return all(_find(results, grid, cell)[Metric.IDENTITY].n for claim in CLAIMS for grid, *cells in claim.pairs
+        return all(_find(results, grid, cell)[Metric.IDENTITY].n for claim in claims for grid, *cells in claim.pairs
                    for cell in cells)
     except KeyError:
         return False

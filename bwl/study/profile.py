@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bwl.adapters.blocks import PAPER_BLOCKS, BlockSpecError
+from bwl.adapters.methods import parse_method_label
 from bwl.core.config import ConfigError, build, coerce_fields, read_file, require
 from bwl.study.vocabulary import GRIDS
 from bwl.train.config import TrainConfig
@@ -58,6 +60,8 @@ class Profile:
     sweep_pairs: bool = True
     sweep_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     train_workers: int = 1  # adapters trained at once, in separate processes sharing the CPU threads (CPU only)
+    methods: list[str] = field(default_factory=list)  # the methods study's methods (labels: locon, locon-dora, ...)
+    methods_block: str = ""  # its single style block; "" takes the block sweep's best (figures/sweep.csv)
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -107,6 +111,13 @@ def _check(profile: Profile, source: str) -> None:
             f"(keys the grid owns: {', '.join(GRID_OWNED_TRAIN_KEYS)})"
         )
     build(TrainConfig, dict(profile.train), source=f"{source}: train")
+    for method in profile.methods:
+        try:
+            parse_method_label(method)
+        except BlockSpecError as err:
+            raise ConfigError(f"{source}: methods: {err}") from None
+    if profile.methods_block and profile.methods_block not in PAPER_BLOCKS:
+        raise ConfigError(f"{source}: methods_block={profile.methods_block!r} is not one of {', '.join(PAPER_BLOCKS)}")
     unknown = [g for g in profile.grids if g not in GRIDS]
     if unknown:
         raise ConfigError(f"{source}: unknown grid(s) {unknown}; valid: {', '.join(GRIDS)}")

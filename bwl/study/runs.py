@@ -26,7 +26,8 @@ def train_config(profile: Profile, key: AdapterKey, instance_dir: Path, reg_dir:
     is_identity = key.concept is Concept.IDENTITY
     values = {"checkpoint_every": 0, **profile.train}
     values.update(model=str(profile.model_location), instance_dir=str(instance_dir), resolution=profile.resolution,
-                  method=key.method, blocks=key.blocks, seed=key.seed, trigger=profile.trigger(key.concept.value),
+                  method=key.method, dora=key.dora, blocks=key.blocks, seed=key.seed,
+                  trigger=profile.trigger(key.concept.value),
                   class_word=profile.class_word if is_identity else "",
                   reg_dir=str(reg_dir) if reg_dir is not None and is_identity else None)
     return TrainConfig(**values)

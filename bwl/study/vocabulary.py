@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from bwl.adapters.blocks import format_blocks, parse_blocks
-from bwl.adapters.spec import METHODS
+from bwl.adapters.methods import get_method, method_label, parse_method_label
 
 
 class Concept(str, Enum):
@@ -47,27 +47,36 @@ class AdapterKey:
     blocks: str = "all"
     seed: int = 0  # training seed
     concept_id: str = ""  # which identity or style, where a profile has several ("" = its one)
+    dora: bool = False  # DoRA on a lora/locon method
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "concept", Concept(self.concept))
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        get_method(self.method, self.dora)
         object.__setattr__(self, "blocks", format_blocks(parse_blocks(self.blocks)))
+
+    @property
+    def label(self) -> str:
+        """The method as tables name it: ``locon``, or ``locon-dora``."""
+        return method_label(self.method, self.dora)
 
     def __str__(self) -> str:
         """A readable name for logs and folders, e.g. ``id_locon_all`` or ``style_lora_upper_s1``."""
-        parts = [self.concept.short, self.method, self.blocks]
+        parts = [self.concept.short, self.label, self.blocks]
         parts += [self.concept_id] if self.concept_id else []
         parts += [f"s{self.seed}"] if self.seed else []
         return "_".join(parts)
 
 
 def identity(method: str, blocks: str = "all") -> AdapterKey:
-    return AdapterKey(Concept.IDENTITY, method, blocks)
+    """The identity adapter of a method (a label: ``"locon"``, ``"locon-dora"``) trained on ``blocks``."""
+    name, dora = parse_method_label(method)
+    return AdapterKey(Concept.IDENTITY, name, blocks, dora=dora)
 
 
 def style(method: str, blocks: str = "all") -> AdapterKey:
-    return AdapterKey(Concept.STYLE, method, blocks)
+    """The style adapter of a method (a label) trained on ``blocks``."""
+    name, dora = parse_method_label(method)
+    return AdapterKey(Concept.STYLE, name, blocks, dora=dora)
 
 
 Weight = float | str  # a scale for the whole adapter, or a block spec / LBW vector (block-wise inference)
@@ -107,7 +116,7 @@ FULL_ID_BOTTOM_STYLE = "full ID + bottom style"
 
 @dataclass(frozen=True)
 class Grid:
-    """One paper figure: its adapter method and its cells, after the reference columns."""
+    """One paper figure: its adapter method (a label such as ``locon-dora``) and its cells, after the references."""
 
     name: str
     method: str
