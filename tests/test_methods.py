@@ -1,0 +1,229 @@
+"""Every adapter method (LoRA, LoCon, LoHa, LoKr, DoRA, OFT): block-wise training, files, LyCORIS interchange, per-block
+learning rates and LoRA+. LyCORIS' math is written out here, independently of bwl and peft, from its docs and code."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bwl.adapters import export_kohya, import_kohya, inspect_adapter, load_adapter, save_adapter, set_block_weights
+from bwl.adapters.block_lr import block_lr_weights, kohya_preset
+from bwl.adapters.blocks import BlockSpecError, paper_block
+from bwl.adapters.files import AdapterFileError, read_metadata, read_tensors
+from bwl.adapters.spec import AdapterSpec, add_adapter
+from bwl.core.config import ConfigError
+from bwl.sd.pipeline import load_pipeline
+from bwl.study.runs import run_key
+from bwl.train import TrainConfig, train
+from bwl.train.run import TrainingRun
+
+from .test_train import config
+
+VARIANTS = [("lora", False), ("locon", False), ("locon", True), ("lora", True), ("loha", False), ("lokr", False),
+            ("oft", False)]
+IDS = ["lora", "locon", "locon-dora", "lora-dora", "loha", "lokr", "oft"]
+INTERCHANGE = [v for v in VARIANTS if v[0] != "oft"]
+LYCORIS_KEY = r"^lora_unet_(down_blocks|mid_block|up_blocks)_[a-z0-9_]+\.({})$"
+LYCORIS_TENSORS = {"lora": "alpha|lora_down\\.weight|lora_up\\.weight|dora_scale",
+                   "loha": "alpha|hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b",
+                   "lokr": "alpha|lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b"}
+
+
+def unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), e).sample
+
+
+def trained_file(tmp_path, tiny_dir, method, dora, name="a", **spec_values):
+    """A random (non-zero) adapter of ``method`` on upper, saved; returns (file, that U-Net's output)."""
+    pipe = load_pipeline(tiny_dir)
+    spec = AdapterSpec(method=method, blocks="upper", rank=4, dora=dora, **spec_values)
+    add_adapter(pipe.unet, spec, name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in pipe.unet.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+    path = save_adapter(pipe.unet, tmp_path / f"{method}{'-dora' if dora else ''}.safetensors", spec, name)
+    return path, unet_output(pipe.unet)
+
+
+def loaded_output(tiny_dir, path, weights=1.0) -> torch.Tensor:
+    pipe = load_pipeline(tiny_dir)
+    load_adapter(pipe, path, "x")
+    set_block_weights(pipe, {"x": weights})
+    return unet_output(pipe.unet)
+
+
+@pytest.mark.parametrize("method,dora", VARIANTS, ids=IDS)
+def test_training_touches_only_the_selected_blocks(tmp_path, tiny_dir, pipe, method, dora):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    final = train(config(tmp_path, tiny_dir, method=method, dora=dora, blocks="upper", steps=3), pipe=pipe)
+    after = pipe.unet.state_dict()
+    for key, value in before.items():
+        peft_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(value, after.get(key, after.get(peft_key))), key
+    trainable = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
+    assert trainable and {paper_block(n) for n in trainable} == {"IN0", "OUT3"}
+    assert {paper_block(k[len("unet."):]) for k in read_tensors(final)} == {"IN0", "OUT3"}
+    report = inspect_adapter(final)
+    assert report.method == (f"{method}-dora" if dora else method)
+    assert {b for b, n in report.parameters.items() if n} == {"IN0", "OUT3"}
+
+
+@pytest.mark.parametrize("method,dora", VARIANTS, ids=IDS)
+def test_save_then_load_gives_the_same_unet_output(tmp_path, tiny_dir, method, dora):
+    path, expected = trained_file(tmp_path, tiny_dir, method, dora)
+    base = unet_output(load_pipeline(tiny_dir).unet)
+    assert not torch.allclose(expected, base)
+    assert torch.equal(loaded_output(tiny_dir, path), expected)
+    assert torch.equal(loaded_output(tiny_dir, path, 0.0), base)  # weight 0: the base layer, DoRA's magnitude too
+    if method == "oft":
+        with pytest.raises(ValueError, match="OFT.*0 or 1"):
+            loaded_output(tiny_dir, path, 0.5)
+
+
+@pytest.mark.parametrize("method,dora", INTERCHANGE, ids=[i for i in IDS if i != "oft"])
+def test_export_then_import_gives_the_same_unet_output(tmp_path, tiny_dir, method, dora):
+    path, expected = trained_file(tmp_path, tiny_dir, method, dora, alpha=2.0)  # alpha != rank: scales must carry
+    kohya = export_kohya(path, tmp_path / "kohya.safetensors")
+    back = import_kohya(kohya, load_pipeline(tiny_dir), tmp_path / "back.safetensors")
+    for file in (kohya, back):
+        out = loaded_output(tiny_dir, file)
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), file.name
+
+
+def lycoris_delta(tensors: dict, key: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight a LyCORIS module gives (W + scale * ΔW, DoRA-normalised per output row), by LyCORIS' rules."""
+    t = {k[len(key) + 1:]: v.double() for k, v in tensors.items() if k.startswith(key + ".")}
+    w, alpha = weight.double(), float(t["alpha"])
+    flat = w.shape[0], w[0].numel()
+    if "hada_w1_a" in t:
+        rank = t["hada_w1_b"].shape[0]
+        delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * alpha / rank
+        return w + delta.reshape(w.shape)
+    if any(k.startswith("lokr_") for k in t):
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        dim = t["lokr_w2_a"].shape[1] if "lokr_w2_a" in t else t["lokr_w1_a"].shape[1] if "lokr_w1_a" in t else None
+        scale = alpha / dim if dim else 1.0  # both factors whole: LyCORIS scales by 1
+        if w.ndim == 4:
+            w2 = w2.reshape(w2.shape[0], -1, *w.shape[2:])
+            w1 = w1[:, :, None, None]
+        return w + (torch.kron(w1, w2) * scale).reshape(w.shape)
+    down, up = t["lora_down.weight"], t["lora_up.weight"]
+    product = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    merged = w + (product * alpha / down.shape[0]).reshape(w.shape)
+    if "dora_scale" in t:
+        norm = merged.reshape(flat).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
+        merged = merged * t["dora_scale"].reshape(norm.shape) / norm
+    return merged
+
+
+@pytest.mark.parametrize("method,dora", INTERCHANGE, ids=[i for i in IDS if i != "oft"])
+def test_lycoris_files_follow_lycoris_rules(tmp_path, tiny_dir, method, dora):
+    import re
+
+    path, expected = trained_file(tmp_path, tiny_dir, method, dora, alpha=2.0)
+    kohya = export_kohya(path, tmp_path / "kohya.safetensors")
+    meta = read_metadata(kohya)
+    args = json.loads(meta["ss_network_args"])
+    family = method if method in ("loha", "lokr") else "lora"
+    with safe_open(str(kohya), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f}
+    pattern = re.compile(LYCORIS_KEY.format(LYCORIS_TENSORS[family]))
+    assert all(pattern.match(k) for k in tensors), [k for k in tensors if not pattern.match(k)][:3]
+    if method in ("lora", "locon") and not dora:
+        assert meta["ss_network_module"] == "networks.lora" and "algo" not in args
+    else:
+        assert meta["ss_network_module"] == "lycoris.kohya"
+        assert args["algo"] == method and (args.get("dora_wd") == "True") == dora
+        assert ("conv_dim" in args) == (method != "lora")
+    if dora:
+        scales = {k: v for k, v in tensors.items() if k.endswith("dora_scale")}
+        ups = {k.replace("dora_scale", "lora_up.weight"): v for k, v in scales.items()}
+        assert all(v.shape == (tensors[k].shape[0], *[1] * (tensors[k].ndim - 1)) for k, v in ups.items())
+    base = load_pipeline(tiny_dir).unet  # the file's weights merged by LyCORIS' rules give the adapted U-Net
+    prefixes = {k.rsplit(".", 1)[0] if k.endswith(".alpha") else None for k in tensors} - {None}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            key = "lora_unet_" + name.replace(".", "_")
+            if key in prefixes:
+                module.weight.copy_(lycoris_delta(tensors, key, module.weight).float())
+    merged = unet_output(base)
+    assert (merged - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_lokr_with_two_whole_factors_folds_the_scale(tmp_path, tiny_dir):
+    path, _ = trained_file(tmp_path, tiny_dir, "lokr", False, alpha=2.0)  # rank 4 on 32-wide layers: whole factors
+    tensors = read_tensors(export_kohya(path, tmp_path / "k.safetensors"))
+    whole = [k for k in tensors if k.endswith(".lokr_w2") and k.replace("lokr_w2", "lokr_w1") in tensors]
+    assert whole
+    theirs, ours = read_tensors(path), whole[0].rsplit(".", 1)[0]
+    module = ours[len("lora_unet_"):]
+    original = next(v for k, v in theirs.items() if k.endswith(".lokr_w1") and k[5:-8].replace(".", "_") == module)
+    assert torch.allclose(tensors[ours + ".lokr_w1"], original * 2.0 / 4)
+    assert float(tensors[ours + ".alpha"]) == 4.0
+
+
+def test_oft_is_refused_for_lycoris_and_bad_combinations_are_named(tmp_path, tiny_dir):
+    path, _ = trained_file(tmp_path, tiny_dir, "oft", False)
+    with pytest.raises(AdapterFileError, match="OFT"):
+        export_kohya(path, tmp_path / "k.safetensors")
+    assert not (tmp_path / "k.safetensors").exists()
+    with pytest.raises(BlockSpecError, match="dora is supported on lora and locon"):
+        AdapterSpec(method="loha", dora=True)
+    with pytest.raises(BlockSpecError, match="text encoder takes plain LoRA"):
+        AdapterSpec(method="lokr", text_encoder=True)
+    with pytest.raises(BlockSpecError, match="oft.*no alpha"):
+        AdapterSpec(method="oft", alpha=8)
+    with pytest.raises(BlockSpecError, match="one block size"):
+        add_adapter(load_pipeline(tiny_dir).unet, AdapterSpec(method="oft", blocks="upper", block_ranks={"IN0": 8}))
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio.*loha"):
+        TrainConfig(method="loha", loraplus_lr_ratio=16)
+
+
+def test_kohya_presets_match_sd_scripts():
+    n = 12
+    assert kohya_preset("sine") == pytest.approx([math.sin(math.pi * (i / (n - 1)) / 2) for i in range(n)])
+    assert kohya_preset("cosine") == pytest.approx([math.sin(math.pi * (i / (n - 1)) / 2) for i in reversed(range(n))])
+    assert kohya_preset("linear+0.5") == pytest.approx([i / (n - 1) + 0.5 for i in range(n)])
+    assert kohya_preset("reverse_linear")[0] == 1.0 and kohya_preset("zeros") == [0.0] * n
+    weights = block_lr_weights({"down": [0.5, 0.5], "mid": 0.25, "up": "zeros+0.1"})
+    assert weights["IN00"] == weights["IN01"] == 0.5 and weights["IN02"] == 1.0  # a short list is filled with 1
+    assert weights["M00"] == 0.25 and weights["OUT00"] == weights["OUT11"] == pytest.approx(0.1)
+    assert block_lr_weights({"upper": 2, "OUT11": 3})["IN01"] == 2 and block_lr_weights({"upper": 2, "OUT11": 3})[
+        "OUT11"] == 3
+    assert block_lr_weights({"OUT3": 0.05}, zero_threshold=0.1)["OUT09"] == 0
+
+
+def test_block_learning_rates_and_loraplus_are_optimizer_groups(tmp_path, tiny_dir, pipe):
+    cfg = config(tmp_path, tiny_dir, method="locon", blocks="upper", block_lr={"IN0": 0.5, "OUT3": 2.0},
+                 loraplus_lr_ratio=4.0)
+    run = TrainingRun(cfg, pipe=pipe)
+    multipliers = {id(p): g["multiplier"] for g in run.optimizer.param_groups for p in g["params"]}
+    rates = {id(p): g["lr"] for g in run.optimizer.param_groups for p in g["params"]}
+    for name, param in pipe.unet.named_parameters():
+        if param.requires_grad:
+            expected = (0.5 if paper_block(name) == "IN0" else 2.0) * (4.0 if ".lora_B." in name else 1.0)
+            assert multipliers[id(param)] == expected, name
+            assert rates[id(param)] == pytest.approx(cfg.learning_rate * expected)
+    assert sorted(g["multiplier"] for g in run.optimizer.param_groups) == [0.5, 2.0, 8.0]  # IN0 B = OUT3 A
+
+
+def test_a_block_at_zero_learning_rate_is_not_created_and_is_recorded(tmp_path, tiny_dir, pipe):
+    cfg = config(tmp_path, tiny_dir, method="locon", blocks="upper", steps=2, block_lr={"OUT3": 0})
+    final = train(cfg, pipe=pipe)
+    assert {paper_block(k[len("unet."):]) for k in read_tensors(final)} == {"IN0"}
+    meta = read_metadata(final)
+    assert json.loads(meta["bwl_block_lr"])["OUT09"] == 0 and json.loads(meta["bwl_block_lr"])["IN01"] == 1
+    plain = config(tmp_path, tiny_dir, method="locon", blocks="upper")
+    contents = {"model": "m", "instance_dir": "i"}
+    keys = {run_key(c, contents) for c in (plain, cfg, config(tmp_path, tiny_dir, method="locon", blocks="upper",
+                                                                  loraplus_lr_ratio=16.0))}
+    assert len(keys) == 3
+    assert "block_lr" not in plain.result_values()  # unset, it leaves existing run keys as they were
