@@ -1,10 +1,12 @@
 """The efficiency table the paper claims but never measured: bwl's training step time, peak memory and trainable
-parameters for each block selection, LoRA and LoCon.
+parameters for each method (LoRA, LoCon, LoHa, LoKr, DoRA, OFT) and block selection.
 
     python benchmarks/bench_blocks.py                # tiny model on CPU; full-size 512 px b2 bf16 with CUDA
+    python benchmarks/bench_blocks.py --model toy    # the shipped micro SD at 32 px (the toy study's setting)
     python benchmarks/bench_blocks.py --model full   # full-size architecture (32x32 latent on CPU)
+    python benchmarks/bench_blocks.py --methods lora locon   # only these methods (labels, as in profiles)
 
-Writes benchmarks/results/blocks-<cpu|cuda>.csv and .md (the README shows them).
+Writes benchmarks/results/blocks-<cpu|cuda>[-<model>].csv and .md (the README shows them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory, gib, load_model, time_steps, write_dataset, write_table
 
+from bwl.adapters.methods import parse_method_label
 from bwl.train import TrainConfig, TrainingRun
 
 SELECTIONS = {
@@ -27,15 +30,18 @@ SELECTIONS = {
     "OUT only": "OUT0+OUT1+OUT2+OUT3", "IN only": "IN0+IN1+IN2+IN3",
 }
 SETTINGS = {  # device -> (model, resolution, batch, precision, steps, rounds)
-    "cpu": ("tiny", 64, 2, "no", 30, 3),
+    "cpu": ("tiny", 64, 2, "no", 20, 3),
     "cuda": ("full", 512, 2, "bf16", 15, 3),
 }
+METHOD_LABELS = ("lora", "locon", "loha", "lokr", "locon-dora", "oft")
 
 
 def measure(model: str, resolution: int, batch: int, precision: str, steps: int, rounds: int, device: torch.device,
             method: str, blocks: str, workdir: Path) -> dict:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    config = TrainConfig(output_dir=str(workdir / "run"), model=model, repeats=1, method=method, blocks=blocks, rank=4,
+    name, dora = parse_method_label(method)
+    config = TrainConfig(output_dir=str(workdir / "run"), model=model, repeats=1, method=name, dora=dora,
+                         blocks=blocks, rank=4,
                          instance_dir=str(write_dataset(workdir / "data", resolution)), resolution=resolution,
                          batch_size=batch, steps=10_000, mixed_precision=precision)
     run = TrainingRun(config, load_model(model, device, dtype))
@@ -51,17 +57,20 @@ def measure(model: str, resolution: int, batch: int, precision: str, steps: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["tiny", "full"], help="override the device's default model")
+    parser.add_argument("--model", choices=["tiny", "toy", "full"], help="override the device's default model")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_LABELS), help="method labels to measure")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, resolution, batch, precision, steps, rounds = SETTINGS[device.type]
     if args.model == "full" and device.type == "cpu":
         model, resolution, batch, steps, rounds = "full", 256, 1, 2, 1
+    elif args.model == "toy":
+        model, resolution, batch = "toy", 32, 8  # the toy study's training setting
     elif args.model:
         model = args.model
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("lora", "locon"):
+        for method in args.methods:
             baseline = None
             for label, blocks in SELECTIONS.items():
                 m = measure(model, resolution, batch, precision, steps, rounds, device, method, blocks, Path(tmp))
@@ -74,7 +83,10 @@ def main() -> None:
                 print(" | ".join(f"{k}: {v}" for k, v in rows[-1].items()), flush=True)
     setting = f"{model} model, {resolution} px, batch {batch}, precision {precision}"
     command = "python benchmarks/bench_blocks.py" + (f" --model {args.model}" if args.model else "") + f" ({setting})"
-    csv_path, md_path = write_table(f"blocks-{device.type}", rows, command)
+    if args.methods != list(METHOD_LABELS):
+        command += " --methods " + " ".join(args.methods)
+    name = f"blocks-{device.type}" + (f"-{model}" if model != SETTINGS[device.type][0] else "")
+    csv_path, md_path = write_table(name, rows, command)
     print(f"wrote {csv_path} and {md_path}")
 
 

@@ -19,7 +19,9 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bwl.core.atomic import atomic_path, write_text
+from bwl.sd.pipeline import load_pipeline
 from bwl.sd.tiny import assemble_pipeline, full_size_sd1_unet, tiny_pipeline
+from bwl.toy.assets import TOY_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINY_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench" / "tiny-sd"
@@ -60,7 +62,8 @@ def full_size_sd1_pipeline(
 
 
 def load_model(kind: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """``tiny`` (the test model, through from_pretrained) or ``full`` (SD 1.x's architecture, random weights).
+    """``tiny`` (the test model, through from_pretrained), ``toy`` (the shipped micro SD) or ``full`` (SD 1.x's
+    architecture, random weights).
 
     Frees what earlier settings left first, so one setting's peak memory never includes another's model.
     """
@@ -70,9 +73,12 @@ def load_model(kind: str, device: torch.device, dtype: torch.dtype = torch.float
     if kind == "tiny":
         pipe = tiny_pipeline(TINY_DIR)
         return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+    if kind == "toy":
+        pipe = load_pipeline(TOY_MODEL)
+        return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
     if kind == "full":
         return full_size_sd1_pipeline(dtype, device)
-    raise ValueError(f"unknown model {kind!r}; valid: tiny, full")
+    raise ValueError(f"unknown model {kind!r}; valid: tiny, toy, full")
 
 
 def write_dataset(folder: Path, resolution: int, count: int = 8, seed: int = 0) -> Path:
