@@ -22,7 +22,7 @@ from peft.utils import set_peft_model_state_dict
 from bwl.adapters.blocks import block_weights, fine_block
 from bwl.adapters.files import check_safetensors
 from bwl.adapters.metadata import AdapterFileError
-from bwl.adapters.methods import carries, is_adapter_layer
+from bwl.adapters.methods import carries, is_adapter_layer, plain_lora
 from bwl.adapters.modules import AdapterContents, ModuleAdapter, fitted_modules
 from bwl.adapters.spec import config_for_modules
 from bwl.sd.pipeline import quiet_loading
@@ -53,7 +53,7 @@ def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> 
     """
     path = check_safetensors(path)
     contents, resolved = fitted_modules(path, pipe.unet, getattr(pipe, "text_encoder", None))
-    if contents.method not in ("lora", "locon") or contents.dora:
+    if not plain_lora(contents.method, contents.dora):
         _load_with_peft(pipe, contents, resolved["unet"], name)
         return
     filters = {"diffusers.loaders.lora_base": _no_text_encoder_notice,

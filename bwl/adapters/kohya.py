@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from bwl.adapters.blocks import FINE_BLOCKS, fine_block, format_blocks, paper_block
 from bwl.adapters.files import write_adapter_file
 from bwl.adapters.metadata import AdapterFileError, bwl_fields, kohya_fields
-from bwl.adapters.methods import METHODS, method_label
+from bwl.adapters.methods import METHODS, method_label, plain_lora
 from bwl.adapters.modules import ModuleAdapter, check_fits, read_modules
 from bwl.adapters.spec import config_for_modules
 from bwl.adapters.text_encoder import KOHYA_PREFIX, kohya_module_name
@@ -154,7 +154,7 @@ def import_kohya(
         raise AdapterFileError(f"{path}: modules outside the nine U-Net blocks, which a bwl adapter does not place: "
                                f"{names}; pass drop_unplaced=True (--drop-unplaced) to import without them")
     contents.unplaced = []
-    if contents.text_encoder and (contents.method not in ("lora", "locon") or contents.dora):
+    if contents.text_encoder and not plain_lora(contents.method, contents.dora):
         raise AdapterFileError(f"{path}: text-encoder modules in a {method_label(contents.method, contents.dora)} "
                                "file; bwl's text encoder takes plain LoRA only")
     resolved = check_fits(contents, pipe.unet, pipe.text_encoder)

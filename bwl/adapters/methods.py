@@ -67,6 +67,11 @@ def get_method(name: str, dora: bool = False) -> Method:
     return METHODS[name]
 
 
+def plain_lora(name: str, dora: bool) -> bool:
+    """Whether a method variant is plain LoRA/LoCon: what diffusers' ``load_lora_weights`` and text encoders take."""
+    return name in ("lora", "locon") and not dora
+
+
 def method_label(name: str, dora: bool) -> str:
     """How tables and keys name a method variant: ``locon``, or ``locon-dora`` with DoRA."""
     return f"{name}-dora" if dora else name

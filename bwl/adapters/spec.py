@@ -31,16 +31,15 @@ from bwl.adapters.blocks import (
     parse_blocks,
 )
 from bwl.adapters.methods import (
-    METHOD_NAMES,
     base_layer,
     carries,
     expected_shapes,
     get_method,
     method_config,
     method_label,
+    plain_lora,
 )
 
-METHODS = METHOD_NAMES
 # Matched with isinstance, so a subclass swapped in by the fast path (bwl.train.fast) is still a container.
 ATTENTION_CONTAINERS: tuple[type, ...] = (Transformer2DModel,)
 CONV_CONTAINERS: tuple[type, ...] = (ResnetBlock2D, Downsample2D, Upsample2D)
@@ -81,7 +80,7 @@ class AdapterSpec:
 
     def __post_init__(self) -> None:
         method = get_method(self.method, self.dora)
-        if self.text_encoder and (method.peft_type != "LORA" or self.dora):
+        if self.text_encoder and not plain_lora(self.method, self.dora):
             raise BlockSpecError(f"text_encoder=True with method {method_label(self.method, self.dora)!r}: the text "
                                  "encoder takes plain LoRA only (as diffusers and kohya load it)")
         if method.rank_is_block_size and (self.alpha is not None or self.conv_alpha is not None):

@@ -40,7 +40,7 @@ def training_plan(study: Study) -> str:
         params = config.adapter_spec().parameter_count(unet)
         folder = Path(config.output_dir)
         status = "trained" if (folder / "adapter.safetensors").exists() else "to train"
-        lines.append(f"{key!s:<20} {key.concept.value:<8} {key.method:<6} {key.blocks:<7} {params:>9,}  "
+        lines.append(f"{key!s:<20} {key.concept.value:<8} {key.label:<6} {key.blocks:<7} {params:>9,}  "
                      f"{folder.name:<28} {status}")
     return "\n".join(lines)
 
