@@ -11,7 +11,16 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import (
+    BitImageProcessor,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    Dinov2Config,
+    Dinov2Model,
+)
 
 from bwl.sd.pipeline import load_pipeline, quiet_loading
 from bwl.sd.tokenizer import word_tokenizer
@@ -120,3 +129,31 @@ def tiny_pipeline(directory: str | Path, seed: int = 0) -> StableDiffusionPipeli
     if not (directory / "model_index.json").exists():
         build_tiny_pipeline(directory, seed=seed)
     return load_pipeline(directory)
+
+
+def build_tiny_encoders(directory: str | Path, seed: int = 0, words: tuple[str, ...] = TINY_WORDS,
+                        image_size: int = 32) -> tuple[Path, Path]:
+    """Random tiny CLIP and DINOv2 models, with their processors (and CLIP's word-level tokenizer), each written with
+    ``save_pretrained`` to ``directory/clip`` and ``directory/dino``: the same classes and loading path as
+    ``openai/clip-vit-large-patch14`` and ``facebook/dinov2-base``. Returns the two directories."""
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=8)
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=vision, projection_dim=16))
+    dino = Dinov2Model(Dinov2Config(**vision))
+    crop = {"height": image_size, "width": image_size}
+    with quiet_loading():
+        clip.save_pretrained(directory / "clip")
+        tokenizer.save_pretrained(directory / "clip")
+        CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop).save_pretrained(directory / "clip")
+        dino.save_pretrained(directory / "dino")
+        BitImageProcessor(size={"shortest_edge": image_size}, crop_size=crop, do_convert_rgb=True,
+                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(
+            directory / "dino")
+    return directory / "clip", directory / "dino"
