@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from bwl.adapters import export_kohya, import_kohya, inspect_adapter, load_adapter, save_adapter, set_block_weights
 from bwl.adapters.block_lr import block_lr_weights, kohya_preset
@@ -133,8 +132,7 @@ def test_lycoris_files_follow_lycoris_rules(tmp_path, tiny_dir, method, dora):
     meta = read_metadata(kohya)
     args = json.loads(meta["ss_network_args"])
     family = method if method in ("loha", "lokr") else "lora"
-    with safe_open(str(kohya), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f}
+    tensors = read_tensors(kohya)
     pattern = re.compile(LYCORIS_KEY.format(LYCORIS_TENSORS[family]))
     assert all(pattern.match(k) for k in tensors), [k for k in tensors if not pattern.match(k)][:3]
     if method in ("lora", "locon") and not dora:
