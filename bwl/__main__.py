@@ -1,5 +1,5 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, methods, findings,
-gates, pretrain, probe, demo.
+validate-reference, gates, pretrain, probe, toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, or a failed notebook) is one line
 on stderr, ``bwl: error: <message>``, and exit status 2; ``--debug`` shows its traceback. Unexpected exceptions still
@@ -23,14 +23,16 @@ from bwl.data.tagging import TaggerError
 from bwl.sd.pipeline import load_pipeline
 from bwl.study.demo import run_demo
 from bwl.study.figures import block_sweep
-from bwl.study.findings import findings_markdown
+from bwl.study.findings import findings_report
 from bwl.study.gates import gates as measure_gates
 from bwl.study.methods import run_methods
 from bwl.study.profile import load_profile
 from bwl.study.runner import StudyFailed, run_study
 from bwl.study.study import Study
+from bwl.study.validation import write_validation
 from bwl.study.vocabulary import Concept
 from bwl.toy.assets import train_and_save_probe
+from bwl.toy.encoder import train_toy_clip
 from bwl.toy.pretrain import PretrainConfig, pretrain
 from bwl.train import TrainConfig, TrainingDiverged, train
 
@@ -76,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     methods.add_argument("--profile", default="methods")
     methods.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    validate = commands.add_parser(
+        "validate-reference", help="rank correlation of each reference metric with its probe counterpart, all cells"
+    )
+    validate.add_argument("--profile", default="toy")
+    toy_clip = commands.add_parser("toy-clip", help="retrain the toy CLIP (data/toy-clip) on the seen concepts")
+    toy_clip.add_argument("--steps", type=int, default=800)
     gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
     gates.add_argument("--profile", default="toy")
     gates.add_argument("--count", type=int, default=64)
@@ -122,10 +130,16 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         if not study.concept_dir(Concept.STYLE).is_dir():
             study.prepare_data()
         print(run_methods(study))
+    elif args.command == "validate-reference":
+        profile = load_profile(args.profile)
+        print(write_validation(Study(profile).cells, profile.figures / "reference-validation.md",
+                               f"python -m bwl validate-reference --profile {args.profile}"))
+    elif args.command == "toy-clip":
+        print(json.dumps(train_toy_clip(steps=args.steps), indent=2))
     elif args.command == "gates":
         print(json.dumps(measure_gates(args.profile, args.count), indent=2))
     elif args.command == "findings":
-        print(findings_markdown(Study(load_profile(args.profile)).results()))
+        print(findings_report(Study(load_profile(args.profile)).results()))
     elif args.command == "run":
         run_study(args.profile, _overrides(cli, args.overrides))
     elif args.command == "demo":

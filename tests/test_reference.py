@@ -60,3 +60,64 @@ def test_encoders_load_by_path_and_a_missing_one_is_named(tmp_path, monkeypatch)
         load_dino("nobody/none-such")
     with pytest.raises(ModelNotFound, match="not a directory written by save_pretrained"):
         load_clip(str(tmp_path))
+
+
+def test_paper_path_writes_every_reference_metric_and_findings(tmp_path, tiny_dir, dreambooth, monkeypatch):
+    """The paper profile on a saved tiny SD1.x pipeline, tiny saved encoders and real photos. Cells first rendered
+    without metrics are scored from their stored images when the profile asks for reference metrics."""
+    import csv
+    import shutil
+
+    from bwl.study.profile import load_profile
+    from bwl.study.study import Study
+    from bwl.study.vocabulary import REFERENCE_METRICS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    clip_dir, dino_dir = build_tiny_encoders(tmp_path / "encoders")
+    photos, paintings = tmp_path / "photos" / "identity", tmp_path / "photos" / "style"
+    shutil.copytree(dreambooth / "dog", photos)
+    shutil.copytree(dreambooth / "red_cartoon", paintings)
+    values = {
+        "model": str(tiny_dir), "identity_dir": str(photos), "style_dir": str(paintings), "tagger": "none",
+        "resolution": 64, "reg_count": 0, "class_word": "dog", "clip_model": str(clip_dir),
+        "dino_model": str(dino_dir), "train": {"steps": 2, "batch_size": 1, "repeats": 1, "checkpoint_every": 0},
+        "seeds": [0, 1], "prompts": ["sks dog, zxq style", "a photo of a dog"], "sample_steps": 2,
+        "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures"), "metrics": "none",
+    }
+    study = Study(load_profile("paper", values))
+    study.prepare_data()
+    study.train_all()
+    study.run_grids()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "cells").rglob("images.npz")}
+    assert not (tmp_path / "figures" / "findings.md").exists()
+
+    scored = Study(load_profile("paper", {**values, "metrics": "reference"}))
+    scored.run_grids()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "cells").rglob("images.npz")} == stamps
+    with open(tmp_path / "figures" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len({(r["grid"], r["cell"]) for r in rows}) > 10
+    for row in rows:
+        for metric in REFERENCE_METRICS:
+            assert int(row[f"{metric.value}_n"]) > 0 and math.isfinite(float(row[metric.value])), (row["cell"], metric)
+        assert int(row["identity_n"]) == 0  # no probe for real photos
+    base = next(r for r in rows if r["cell"] == "base")
+    assert float(base["ref_preservation"]) == pytest.approx(1.0)  # the base model's own images
+    findings = (tmp_path / "figures" / "findings.md").read_text()
+    assert "C1" in findings and "C3" in findings and "ref_identity" not in findings.split("|")[0]
+
+
+def test_spearman_and_its_bootstrap_by_hand():
+    from bwl.study.validation import bootstrap_spearman, ranks, spearman
+
+    assert ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    x = np.arange(10.0)
+    assert spearman(x, x ** 3) == pytest.approx(1.0)  # monotone: perfect rank agreement
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    # d = rank differences for (1,2,3,4) vs (2,1,4,3): 1 each; rho = 1 - 6 * 4 / (4 * 15) = 0.6
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([2.0, 1, 4, 3])) == pytest.approx(0.6)
+    low, high = bootstrap_spearman(x, x ** 3)
+    assert (low, high) == pytest.approx((1.0, 1.0))
+    noisy = x + np.random.default_rng(0).normal(0, 3, 10)
+    low, high = bootstrap_spearman(x, noisy)
+    assert low < spearman(x, noisy) < high

@@ -19,7 +19,7 @@ def smoke(tmp_path, **overrides):
 
 
 def test_profiles_load_and_refuse_unknown_keys():
-    for name in ("smoke", "toy", "paper", "sweep"):
+    for name in ("smoke", "toy", "paper", "sweep", "methods"):
         assert load_profile(name).name == name
     sweep, toy = load_profile("sweep"), load_profile("toy")
     assert sweep.out == toy.out and (sweep.model, sweep.train, sweep.prompts) == (toy.model, toy.train, toy.prompts)
@@ -27,7 +27,7 @@ def test_profiles_load_and_refuse_unknown_keys():
         load_profile("toy", {"sedes": [1]})
     with pytest.raises(ConfigError, match="'stepz'"):
         load_profile("toy", {"train": {"stepz": 3}})
-    with pytest.raises(ConfigError, match="valid: paper, smoke, sweep, toy"):
+    with pytest.raises(ConfigError, match="valid: methods, paper, smoke, sweep, toy"):
         load_profile("toyy")
     with pytest.raises(ConfigError, match="fig9"):
         load_profile("toy", {"grids": ["fig9"]})
@@ -115,8 +115,11 @@ def test_grid_vocabulary_is_typed_and_defined_once():
         for grid, *labels in claim.pairs:
             for label in labels:
                 GRIDS[grid].column(label)
-    with pytest.raises(ValueError, match="unknown method 'loha'"):
-        AdapterKey(Concept.STYLE, "loha")
+    with pytest.raises(ValueError, match="unknown method 'vera'"):
+        AdapterKey(Concept.STYLE, "vera")
+    assert str(style("locon-dora", "upper")) == "style_locon-dora_upper" and style("locon-dora").dora
+    with pytest.raises(ValueError, match="dora is supported on lora and locon"):
+        AdapterKey(Concept.STYLE, "oft", dora=True)
 
 
 def test_paper_profile_defaults_are_the_papers():

@@ -25,7 +25,7 @@ from bwl.core.atomic import atomic_path
 from bwl.sd.generate import generate
 from bwl.study.console import progress
 from bwl.study.metrics import Estimate, Scores, mean_ci
-from bwl.study.vocabulary import METRICS, Metric
+from bwl.study.vocabulary import METRICS, PROBE_METRICS, Metric
 
 Scorer = Callable[[Sequence[Image.Image], Sequence[str]], list[Scores]]
 
@@ -39,10 +39,10 @@ class BlockEffect:
     pixel_difference: Estimate | None = None
     metric_changes: dict[Metric, Estimate] = field(default_factory=dict)
 
-    def row(self) -> str:
+    def row(self, metrics: Sequence[Metric] = PROBE_METRICS) -> str:
         if not self.has_weights:
-            return f"| {self.block} | no weights |" + " |" * len(METRICS)
-        changes = " | ".join(str(self.metric_changes.get(m, Estimate(np.nan, np.nan, 0))) for m in METRICS)
+            return f"| {self.block} | no weights |" + " |" * len(metrics)
+        changes = " | ".join(str(self.metric_changes.get(m, Estimate(np.nan, np.nan, 0))) for m in metrics)
         return f"| {self.block} | {self.pixel_difference} | {changes} |"
 
 
@@ -101,9 +101,10 @@ def block_effects(pipe: StableDiffusionPipeline, adapters: Mapping[str, str | Pa
 
 
 def effects_markdown(effects: Sequence[BlockEffect]) -> str:
-    """The effects as a markdown table: pixel difference and each metric's change when the block is off."""
-    header = "| block off | pixel difference (0-255) | " + " | ".join(f"Δ {m.value}" for m in METRICS) + " |"
-    return "\n".join([header, "|---" * (2 + len(METRICS)) + "|", *(e.row() for e in effects)]) + "\n"
+    """The effects as a markdown table: pixel difference and each scored metric's change when the block is off."""
+    shown = [m for m in METRICS if any(m in e.metric_changes for e in effects)] or list(PROBE_METRICS)
+    header = "| block off | pixel difference (0-255) | " + " | ".join(f"Δ {m.value}" for m in shown) + " |"
+    return "\n".join([header, "|---" * (2 + len(shown)) + "|", *(e.row(shown) for e in effects)]) + "\n"
 
 
 def effects_figure(effects: Sequence[BlockEffect], title: str = "", out: Path | None = None) -> Figure:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,9 @@ from bwl.adapters.compose import load_adapters, set_block_weights
 from bwl.core.atomic import atomic_path, write_json
 from bwl.core.hashing import config_hash
 from bwl.sd.generate import generate
-from bwl.study.metrics import Estimate, Scores, summarize
+from bwl.study.metrics import Estimate, Scorers, Scores, families_scored, summarize
 from bwl.study.profile import Profile
-from bwl.study.vocabulary import AdapterKey, Cell, Metric
-
-Scorer = Callable[[Sequence[Image.Image], Sequence[str]], list[Scores]]
+from bwl.study.vocabulary import BASE, AdapterKey, Cell, Metric
 
 
 class CellStore:
@@ -67,7 +65,7 @@ class CellRenderer:
     """
 
     def __init__(self, pipe: StableDiffusionPipeline, profile: Profile, store: CellStore, model_fingerprint: str,
-                 files: dict[AdapterKey, Path], file_hashes: dict[AdapterKey, str], scorer: Scorer | None,
+                 files: dict[AdapterKey, Path], file_hashes: dict[AdapterKey, str], scorer: Scorers | None,
                  resident: Sequence[AdapterKey] = ()):
         self.pipe, self.profile, self.store, self.scorer = pipe, profile, store, scorer
         self.model_fingerprint, self.files, self.file_hashes = model_fingerprint, files, file_hashes
@@ -82,24 +80,50 @@ class CellRenderer:
         })
 
     def render(self, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[str, bool]:
-        """The cell's key, and whether it was generated now (False: reused)."""
+        """The cell's key, and whether it was generated now (False: reused; a family the profile scores with that the
+        stored cell lacks is scored from its stored images)."""
         key = self.key(cell, prompts, seeds)
         if self.store.complete(key):
+            self._score_missing(key, cell, prompts, seeds)
             return key, False
         p = self.profile
         load_adapters(self.pipe, {str(k): self.files[k] for k in cell.weights})
         set_block_weights(self.pipe, cell.named_weights())
         images = generate(self.pipe, prompts, seeds, p.sample_steps, p.guidance_scale, p.batch_size, p.resolution)
-        job_prompts = [prompt for prompt in prompts for _ in seeds]
-        scores = self.scorer(images, job_prompts) if self.scorer is not None else [{} for _ in images]
-        description = {"cell": cell.label, "adapters": {k: str(w) for k, w in cell.named_weights().items()},
-                       "prompts": list(prompts), "seeds": list(seeds), "steps": p.sample_steps,
-                       "cfg": p.guidance_scale, "size": p.resolution}
-        self.store.save(key, images, description, scores)
         transient = [str(k) for k in cell.weights if k not in self.resident]
         if transient:
             self.pipe.delete_adapters(transient)
+        scores = self._score(self.scorer, cell, images, prompts, seeds)
+        description = {"cell": cell.label, "adapters": {k: str(w) for k, w in cell.named_weights().items()},
+                       "prompts": list(prompts), "seeds": list(seeds), "steps": p.sample_steps,
+                       "cfg": p.guidance_scale, "size": p.resolution,
+                       "scored_with": list(self.scorer.families) if self.scorer is not None else []}
+        self.store.save(key, images, description, scores)
         return key, True
+
+    def _score(self, scorer: Scorers | None, cell: Cell, images: list[Image.Image], prompts: Sequence[str],
+               seeds: Sequence[int]) -> list[Scores]:
+        job_prompts = [prompt for prompt in prompts for _ in seeds]
+        if scorer is None:
+            return [{} for _ in images]
+        base = None
+        if scorer.needs_base:  # the base model's images at the same prompts and seeds (the base cell's own)
+            base = images if not cell.adapters else self.store.images(self.render(Cell(BASE), prompts, seeds)[0])
+        return scorer(images, job_prompts, base)
+
+    def _score_missing(self, key: str, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        if self.scorer is None:
+            return
+        folder = self.store.folder(key)
+        description = json.loads((folder / "cell.json").read_text())
+        scores = self.store.scores(key)
+        done = description.get("scored_with", families_scored(scores))
+        missing = [f for f in self.scorer.families if f not in done]
+        if not missing:
+            return
+        extra = self._score(self.scorer.only(missing), cell, self.store.images(key), prompts, seeds)
+        write_json(folder / "scores.json", [{**old, **new} for old, new in zip(scores, extra)])
+        write_json(folder / "cell.json", {**description, "scored_with": [*done, *missing]})
 
     def summary(self, key: str) -> dict[Metric, Estimate]:
         return summarize(self.store.scores(key))

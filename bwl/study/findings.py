@@ -13,6 +13,7 @@ from bwl.study.results import CellResult
 from bwl.study.vocabulary import (
     BLOCKWISE_INFERENCE,
     FIDELITY,
+    FIDELITY_BY_FAMILY,
     FULL_ID_BOTTOM_STYLE,
     FULL_ID_FULL_STYLE,
     FULL_ID_MIDDLE_STYLE,
@@ -73,11 +74,12 @@ def _find(results: list[CellResult], grid: str, cell: str) -> CellResult:
     return found[0]
 
 
-def compare(results: list[CellResult], grid: str, cell: str, other: str) -> Comparison:
-    """``cell`` against ``other`` in ``grid`` on identity and style fidelity."""
+def compare(results: list[CellResult], grid: str, cell: str, other: str,
+            fidelity: tuple[Metric, Metric] = FIDELITY) -> Comparison:
+    """``cell`` against ``other`` in ``grid`` on identity and style fidelity (``fidelity``: a family's pair)."""
     a, b = _find(results, grid, cell), _find(results, grid, other)
     better, worse, deltas = [], [], {}
-    for metric in FIDELITY:
+    for metric in fidelity:
         x, y = a[metric], b[metric]
         deltas[metric] = x.mean - y.mean
         if x.mean - x.ci > y.mean + y.ci:
@@ -96,33 +98,47 @@ def claim_verdict(comparisons: list[Comparison]) -> str:
     return "does not hold"
 
 
-def findings_markdown(results: list[CellResult], claims: tuple[Claim, ...] = CLAIMS) -> str:
+def findings_markdown(results: list[CellResult], claims: tuple[Claim, ...] = CLAIMS,
+                      fidelity: tuple[Metric, Metric] = FIDELITY) -> str:
     """One table per claim: each comparison's identity and style differences and its verdict."""
     lines = []
     for claim in claims:
-        comparisons = [compare(results, *pair) for pair in claim.pairs]
+        comparisons = [compare(results, *pair, fidelity=fidelity) for pair in claim.pairs]
         lines += [f"**{claim.name}: {claim.text}: {claim_verdict(comparisons)}.**", "",
                   "| grid | cell | vs | Δ identity | Δ style | verdict |", "|---|---|---|---|---|---|"]
         for c in comparisons:
             a, b = _find(results, c.grid, c.cell), _find(results, c.grid, c.other)
-            cells = [f"{a[m]} vs {b[m]} ({c.deltas[m]:+.2f})" for m in FIDELITY]
+            cells = [f"{a[m]} vs {b[m]} ({c.deltas[m]:+.2f})" for m in fidelity]
             lines.append(f"| {c.grid} | {c.cell} | {c.other} | {cells[0]} | {cells[1]} | {c.verdict} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def decidable(results: list[CellResult], claims: tuple[Claim, ...] = CLAIMS) -> bool:
-    """Whether the results hold every compared cell with fidelity scores (a probe-scored run of all four grids)."""
+def decidable(results: list[CellResult], claims: tuple[Claim, ...] = CLAIMS,
+              fidelity: tuple[Metric, Metric] = FIDELITY) -> bool:
+    """Whether the results hold every compared cell with this family's fidelity scores (all four grids, scored)."""
     try:
-        return all(_find(results, grid, cell)[Metric.IDENTITY].n for claim in claims for grid, *cells in claim.pairs
-                   for cell in cells)
+        return all(_find(results, grid, cell)[m].n for claim in claims for grid, *cells in claim.pairs
+                   for cell in cells for m in fidelity)
     except KeyError:
         return False
 
 
+def findings_by_family(results: list[CellResult]) -> str:
+    """The findings under every metric family the results hold, side by side: one section per family."""
+    families = [(name, pair) for name, pair in FIDELITY_BY_FAMILY.items() if decidable(results, fidelity=pair)]
+    if len(families) == 1:
+        return findings_markdown(results, fidelity=families[0][1])
+    sections = []
+    for name, pair in families:
+        title = f"### Decided by the {name} metrics ({pair[0].value}, {pair[1].value})"
+        sections += [title, "", findings_markdown(results, fidelity=pair)]
+    return "\n".join(sections)
+
+
 def findings_report(results: list[CellResult]) -> str:
-    """The findings' markdown, or why this run cannot decide them."""
-    if decidable(results):
-        return findings_markdown(results)
+    """The findings' markdown (per metric family the results hold), or why this run cannot decide them."""
+    if any(decidable(results, fidelity=pair) for pair in FIDELITY_BY_FAMILY.values()):
+        return findings_by_family(results)
     return ("No findings for this run: deciding C1-C3 needs all four grids scored on identity and style fidelity "
-            "(the `toy` profile's probe metrics); this run's metrics are missing or its grids incomplete.")
+            "(the probe or the reference metrics); this run's metrics are missing or its grids incomplete.")

@@ -1,5 +1,6 @@
 """The metrics of a cell (:class:`~bwl.study.vocabulary.Metric`): per-image scores, summarized as means with 95 %
-confidence intervals. ``metrics: probe`` reads them off the toy world's images with its probe:
+confidence intervals. ``metrics: probe`` reads them off the toy world's images with its probe (``reference``: the
+reference family, :mod:`bwl.study.reference`; ``both``: the two side by side):
 
 - identity fidelity: the fraction of the identity's attributes (shape, color, hat, eyes) present;
 - style fidelity: the probe's probability of the held-out style;
@@ -11,14 +12,15 @@ confidence intervals. ``metrics: probe`` reads them off the toy world's images w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from bwl.data.datasets import split_tags
-from bwl.study.vocabulary import METRICS, Metric
+from bwl.study.vocabulary import METRICS, PROBE_METRICS, REFERENCE_METRICS, Metric
 from bwl.toy.assets import PROBE_PATH
 from bwl.toy.probes import Probe, load_probe
 from bwl.toy.world import HELD_OUT_STYLE, IDENTITY, IDENTITY_BACKGROUNDS, IDENTITY_TRIGGER, STYLE_TRIGGER, tag_attribute
@@ -86,11 +88,60 @@ def summarize(scores: Sequence[Scores]) -> dict[Metric, Estimate]:
     return {m: mean_ci([s[m.value] for s in scores if m.value in s]) for m in METRICS}
 
 
-def scorer(suite: str) -> Callable[[Sequence[Image.Image], Sequence[str]], list[Scores]] | None:
-    """The profile's ``metrics``: ``probe`` (the toy world's probe reads each image) or ``none`` (figures only)."""
-    if suite == "none":
-        return None
-    if suite == "probe":
-        probe = load_probe(PROBE_PATH)
-        return lambda images, prompts: probe_scores(probe, images, prompts)
-    raise ValueError(f"unknown metrics suite {suite!r}; valid: probe, none")
+class Scorer(Protocol):
+    """Scores images (and the prompts they were made with); ``base_images``, where given, are the base model's images
+    for the same prompts and seeds. ``families`` names the metric families it writes."""
+
+    families: tuple[str, ...]
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                 base_images: Sequence[Image.Image] | None = None) -> list[Scores]: ...
+
+
+class ProbeScorer:
+    """The toy world's probe reads each image (the probe family)."""
+
+    families = ("probe",)
+
+    def __init__(self, path=PROBE_PATH):
+        self.probe = load_probe(path)
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                 base_images: Sequence[Image.Image] | None = None) -> list[Scores]:
+        return probe_scores(self.probe, images, prompts)
+
+
+class Scorers:
+    """Several families' scorers as one: each image's scores merged."""
+
+    def __init__(self, parts: Sequence[Scorer]):
+        self.parts = list(parts)
+        self.families = tuple(f for part in self.parts for f in part.families)
+
+    @property
+    def needs_base(self) -> bool:
+        return "reference" in self.families
+
+    def only(self, families: Sequence[str]) -> Scorers:
+        """The scorers of these families."""
+        return Scorers([part for part in self.parts if set(part.families) & set(families)])
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                 base_images: Sequence[Image.Image] | None = None) -> list[Scores]:
+        merged: list[Scores] = [{} for _ in images]
+        for part in self.parts:
+            for score, extra in zip(merged, part(images, prompts, base_images)):
+                score.update(extra)
+        return merged
+
+
+METRIC_SUITES: dict[str, tuple[str, ...]] = {"probe": ("probe",), "reference": ("reference",),
+                                             "both": ("probe", "reference"), "none": ()}
+"""A profile's ``metrics``: the metric families it scores with."""
+
+
+def families_scored(scores: Sequence[Scores]) -> list[str]:
+    """The families a stored cell's scores hold (for cells written before cells recorded them)."""
+    keys = {k for s in scores for k in s}
+    return [family for family, metrics in (("probe", PROBE_METRICS), ("reference", REFERENCE_METRICS))
+            if keys & {m.value for m in metrics}]

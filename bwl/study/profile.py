@@ -13,13 +13,14 @@ from pathlib import Path
 from bwl.adapters.blocks import PAPER_BLOCKS, BlockSpecError
 from bwl.adapters.methods import parse_method_label
 from bwl.core.config import ConfigError, build, coerce_fields, read_file, require
+from bwl.sd.encoders import DEFAULT_CLIP, DEFAULT_DINO
 from bwl.study.vocabulary import GRIDS
 from bwl.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = Path(__file__).resolve().parent / "profiles"
 TAGGERS = ("wd14", "toy", "none")
-METRIC_SUITES = ("probe", "none")
+METRIC_SUITES = ("probe", "reference", "both", "none")  # families: bwl.study.metrics.METRIC_SUITES
 # TrainConfig keys that each grid adapter sets itself (its method, blocks, concept data and trigger) or that the
 # study owns (where runs go, resuming): a profile's ``train:`` entry may not set them.
 GRID_OWNED_TRAIN_KEYS = ("method", "blocks", "trigger", "class_word", "instance_dir", "reg_dir", "model",
@@ -57,6 +58,10 @@ class Profile:
     figures_dir: str = "figures"
     runs_dir: str = ""
     metrics: str = "probe"
+    clip_model: str = DEFAULT_CLIP  # reference metrics' encoders: hub ids, or directories written by save_pretrained
+    dino_model: str = DEFAULT_DINO  # "" : identity, preservation and diversity read CLIP instead
+    identity_words: str = ""  # replaces the identity trigger in the prompt metric; "": the class word, or "a person"
+    style_words: str = "a style"  # what replaces the style trigger
     sweep_pairs: bool = True
     sweep_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     train_workers: int = 1  # adapters trained at once, in separate processes sharing the CPU threads (CPU only)

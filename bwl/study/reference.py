@@ -16,8 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from PIL import Image
 
 from bwl.data.datasets import split_tags
+from bwl.sd.encoders import ImageEncoder
+from bwl.study.vocabulary import Metric
 
 
 def vendi_score(embeddings: torch.Tensor) -> float:
@@ -62,3 +65,78 @@ def plain_prompt(prompt: str, replacements: Mapping[str, str]) -> str:
             words = replacements[words[0]].split() + words[1:]
         tags.append(" ".join(words))
     return ", ".join(t for t in tags if t)
+
+
+def style_layers(encoder: ImageEncoder) -> list[int]:
+    """The hidden layers the style measure reads: the first, a quarter and half way up the image tower (textures
+    live in the early layers)."""
+    config = encoder.model.config
+    depth = getattr(config, "vision_config", config).num_hidden_layers
+    return sorted({1, max(1, depth // 4), max(1, depth // 2)})
+
+
+def trigger_tags(prompt: str) -> set[str]:
+    """The first word of each tag: where a trigger sits."""
+    return {t.split()[0] for t in split_tags(prompt) if t.split()}
+
+
+class ReferenceScorer:
+    """Scores generated images against the training images, the prompt and the base model's images (the reference
+    family of :class:`~bwl.study.vocabulary.Metric`). Reference embeddings and Gram matrices are computed once."""
+
+    families = ("reference",)
+
+    def __init__(self, clip: ImageEncoder, dino: ImageEncoder | None, identity_images: Sequence[Image.Image],
+                 style_images: Sequence[Image.Image], triggers: Mapping[str, str], batch_size: int = 32):
+        self.clip, self.dino, self.batch_size = clip, dino, batch_size
+        self.triggers = dict(triggers)  # trigger word -> plain words ("zkc" -> "a person")
+        self.identity_trigger, self.style_trigger = list(triggers)[:2]
+        self.main = dino or clip  # identity, preservation and diversity read DINOv2 where there is one
+        self.identity_main = self.main.embed(identity_images, batch_size)
+        self.identity_clip = clip.embed(identity_images, batch_size)
+        self.layers = style_layers(self.main)
+        self.style_grams = [torch.cat([gram_matrices(f) for f in self._features(style_images, layer)]).mean(0)
+                            for layer in self.layers]
+
+    def _features(self, images: Sequence[Image.Image], layer: int) -> list[torch.Tensor]:
+        return [self.main.hidden_states(images[i:i + self.batch_size], [layer])[0]
+                for i in range(0, len(images), self.batch_size)]
+
+    def style(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Per image: Gram similarity to the style's training images, averaged over :func:`style_layers`."""
+        per_layer = []
+        for layer, target in zip(self.layers, self.style_grams):
+            grams = torch.cat([gram_matrices(f) for f in self._features(images, layer)]).flatten(1)
+            per_layer.append(torch.nn.functional.cosine_similarity(grams, target.flatten()[None], dim=-1))
+        return torch.stack(per_layer).mean(0)
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                 base_images: Sequence[Image.Image]) -> list[dict[str, float]]:
+        """Per image, the reference metrics that apply to its prompt; ``base_images`` are the base model's images for
+        the same prompts and seeds (preservation)."""
+        main = self.main.embed(images, self.batch_size)
+        identity = centroid_similarity(main, self.identity_main)
+        clip_images = self.clip.embed(images, self.batch_size)
+        identity_clip = centroid_similarity(clip_images, self.identity_clip)
+        styled = [i for i, p in enumerate(prompts) if self.style_trigger in trigger_tags(p)]
+        style = dict(zip(styled, self.style([images[i] for i in styled]).tolist())) if styled else {}
+        plain = self.clip.embed_text([plain_prompt(p, self.triggers) for p in prompts])
+        prompt_similarity = (clip_images.double() * plain.double()).sum(-1)
+        base = (main.double() * self.main.embed(base_images, self.batch_size).double()).sum(-1)
+        scores: list[dict[str, float]] = []
+        for i, prompt in enumerate(prompts):
+            tags, score = trigger_tags(prompt), {}
+            if self.identity_trigger in tags:
+                score[Metric.REF_IDENTITY.value] = float(identity[i])
+                score[Metric.REF_IDENTITY_CLIP.value] = float(identity_clip[i])
+            if i in style:
+                score[Metric.REF_STYLE.value] = float(style[i])
+            if tags & set(self.triggers):
+                score[Metric.REF_PROMPT.value] = float(prompt_similarity[i])
+            else:
+                score[Metric.REF_PRESERVATION.value] = float(base[i])
+            scores.append(score)
+        for prompt in dict.fromkeys(prompts):  # one Vendi score per prompt, kept on the prompt's first image
+            rows = [i for i, p in enumerate(prompts) if p == prompt]
+            scores[rows[0]][Metric.DIVERSITY.value] = vendi_score(main[rows]) if len(rows) > 1 else 1.0
+        return scores

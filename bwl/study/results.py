@@ -10,7 +10,7 @@ from pathlib import Path
 from bwl import __version__
 from bwl.core.atomic import atomic_path, write_json, write_text
 from bwl.study.metrics import Estimate
-from bwl.study.vocabulary import METRICS, Metric
+from bwl.study.vocabulary import METRICS, PROBE_METRICS, Metric
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,20 @@ class CellResult:
     @classmethod
     def from_row(cls, row: dict[str, str]) -> CellResult:
         estimates = {m: Estimate(float(row[m.value]), float(row[f"{m.value}_ci"]), int(row[f"{m.value}_n"]))
-                     for m in METRICS}
+                     if m.value in row else Estimate(float("nan"), float("nan"), 0) for m in METRICS}
         return cls(row["grid"], row["cell"], row["key"], estimates)
 
 
+def scored_metrics(results: list[CellResult]) -> list[Metric]:
+    """The metrics any of ``results`` holds values for (the probe's, shown as empty, when none has any)."""
+    return [m for m in METRICS if any(r[m].n for r in results)] or list(PROBE_METRICS)
+
+
 def results_markdown(results: list[CellResult]) -> str:
-    """The results as a markdown table: mean ± 95 % CI per metric."""
-    lines = ["| grid | cell | " + " | ".join(m.value for m in METRICS) + " |", "|" + "---|" * (2 + len(METRICS))]
-    lines += [f"| {r.grid} | {r.cell} | " + " | ".join(str(r[m]) for m in METRICS) + " |" for r in results]
+    """The results as a markdown table: mean ± 95 % CI per metric the run scored."""
+    shown = scored_metrics(results)
+    lines = ["| grid | cell | " + " | ".join(m.value for m in shown) + " |", "|" + "---|" * (2 + len(shown))]
+    lines += [f"| {r.grid} | {r.cell} | " + " | ".join(str(r[m]) for m in shown) + " |" for r in results]
     return "\n".join(lines) + "\n"
 
 

@@ -13,19 +13,21 @@ from PIL import Image
 from bwl.core.atomic import write_json, write_text
 from bwl.core.hashing import file_hash, fingerprint
 from bwl.data.captions import write_captions
-from bwl.data.datasets import Prepared, prepare_folder
+from bwl.data.datasets import IMAGE_SUFFIXES, Prepared, prepare_folder
 from bwl.data.regularization import generate_regularization
 from bwl.data.tagging import Tagger, make_tagger
+from bwl.sd.encoders import load_clip, load_dino
 from bwl.sd.pipeline import load_pipeline
 from bwl.sd.tiny import build_tiny_pipeline
 from bwl.study import runs
 from bwl.study.cells import CellRenderer, CellStore
 from bwl.study.console import log, progress
-from bwl.study.findings import decidable, findings_markdown
-from bwl.study.metrics import scorer
+from bwl.study.findings import decidable, findings_by_family
+from bwl.study.metrics import METRIC_SUITES, ProbeScorer, Scorers
 from bwl.study.profile import Profile
+from bwl.study.reference import ReferenceScorer
 from bwl.study.results import CellResult, read_results, write_results
-from bwl.study.vocabulary import GRIDS, AdapterKey, Concept, Grid, adapters_of
+from bwl.study.vocabulary import FIDELITY_BY_FAMILY, GRIDS, AdapterKey, Concept, Grid, adapters_of
 from bwl.study.workers import Log, train_adapters
 from bwl.toy.assets import write_concept
 from bwl.toy.tagger import ToyTagger
@@ -41,6 +43,7 @@ class Study:
         self.model = profile.model_location
         self.cells = CellStore(self.out / "cells")
         self._fingerprints: dict[Path, str] = {}
+        self._scorer: Scorers | None = None
 
     def _fingerprint(self, folder: Path) -> str:
         if folder not in self._fingerprints:
@@ -89,6 +92,7 @@ class Study:
         log("data: " + ", ".join(f"{c.value} {len(list(self.concept_dir(c).glob('*.txt')))} captioned images"
                                  for c in Concept) + (f", {p.reg_count} regularization images" if p.reg_count else ""))
         self._fingerprints.clear()  # the data may have changed
+        self._scorer = None  # and with it the reference images
         return reports
 
     # ----- adapters ----------------------------------------------------------------------------------------------
@@ -109,9 +113,27 @@ class Study:
             contents["reg_dir"] = self._fingerprint(Path(config.reg_dir))
         return runs.keyed(config, key, self.out / "adapters", contents)
 
-    def scorer(self):
-        """The profile's metric family as a scorer of (images, prompts), or None for ``metrics: none``."""
-        return scorer(self.profile.metrics)
+    def scorer(self) -> Scorers | None:
+        """The profile's metric families as one scorer (built once per study: the reference family embeds the
+        training images once), or None for ``metrics: none``."""
+        if self._scorer is None and METRIC_SUITES[self.profile.metrics]:
+            p, parts = self.profile, []
+            families = METRIC_SUITES[p.metrics]
+            if "probe" in families:
+                parts.append(ProbeScorer())
+            if "reference" in families:
+                words = {p.identity_trigger: p.identity_words or p.class_word or "a person",
+                         p.style_trigger: p.style_words}
+                parts.append(ReferenceScorer(load_clip(p.clip_model), load_dino(p.dino_model) if p.dino_model else None,
+                                             self.concept_images(Concept.IDENTITY), self.concept_images(Concept.STYLE),
+                                             words))
+            self._scorer = Scorers(parts)
+        return self._scorer
+
+    def concept_images(self, concept: Concept) -> list[Image.Image]:
+        """The concept's prepared training images."""
+        folder = self.concept_dir(concept)
+        return [Image.open(f).convert("RGB") for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
 
     def adapter_files(self, keys: list[AdapterKey] | None = None) -> dict[AdapterKey, Path]:
         keys = self.needed_adapters() if keys is None else keys
@@ -158,8 +180,8 @@ class Study:
                 f"{count - made} reused")
         bar.close()
         path = write_results(p.figures, results, p.to_dict())
-        if decidable(results):
-            write_text(p.figures / "findings.md", findings_markdown(results))
+        if any(decidable(results, fidelity=pair) for pair in FIDELITY_BY_FAMILY.values()):
+            write_text(p.figures / "findings.md", findings_by_family(results))
         return path
 
     def results(self) -> list[CellResult]:

@@ -26,15 +26,33 @@ class Concept(str, Enum):
 
 
 class Metric(str, Enum):
-    """A per-image score; each is reported as a mean with a 95 % confidence interval (:mod:`bwl.study.metrics`)."""
+    """A per-image score; each is reported as a mean with a 95 % confidence interval (:mod:`bwl.study.metrics`).
+
+    The probe family reads the toy world's ground truth; the reference family (:mod:`bwl.study.reference`) compares
+    images with the training images, the prompt and the base model's images through public encoders, for any model.
+    """
 
     IDENTITY = "identity"  # the identity's look is present
     STYLE = "style"  # the style is present
     PROMPT = "prompt"  # what the prompt asks beyond the training data is present
     PRESERVATION = "preservation"  # prompts without a trigger still work as in the base model
+    REF_IDENTITY = "ref_identity"  # DINOv2 (else CLIP) similarity to the identity's training images' centroid
+    REF_IDENTITY_CLIP = "ref_identity_clip"  # CLIP image similarity to the same centroid (CLIP-I)
+    REF_STYLE = "ref_style"  # Gram-matrix similarity to the style's training images
+    REF_PROMPT = "ref_prompt"  # CLIP text-image similarity to the prompt with plain words for the triggers
+    REF_PRESERVATION = "ref_preservation"  # similarity to the base model's image at the same prompt and seed
+    DIVERSITY = "diversity"  # Vendi score of the cell's images for one prompt (one value per prompt)
 
 
 METRICS: tuple[Metric, ...] = tuple(Metric)
+PROBE_METRICS: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE, Metric.PROMPT, Metric.PRESERVATION)
+REFERENCE_METRICS: tuple[Metric, ...] = (Metric.REF_IDENTITY, Metric.REF_IDENTITY_CLIP, Metric.REF_STYLE,
+                                         Metric.REF_PROMPT, Metric.REF_PRESERVATION, Metric.DIVERSITY)
+FIDELITY_BY_FAMILY: dict[str, tuple[Metric, Metric]] = {
+    "probe": (Metric.IDENTITY, Metric.STYLE),
+    "reference": (Metric.REF_IDENTITY, Metric.REF_STYLE),
+}
+"""The identity/style pair each metric family decides the paper's claims with."""
 FIDELITY: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE)  # what the paper's claims compare
 
 
