@@ -12,6 +12,7 @@ reference family, :mod:`bwl.study.reference`; ``both``: the two side by side):
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -117,21 +118,27 @@ class Scorers:
     def __init__(self, parts: Sequence[Scorer]):
         self.parts = list(parts)
         self.families = tuple(f for part in self.parts for f in part.families)
+        self.seconds = dict.fromkeys(self.families, 0.0)  # time spent scoring, per family (what each one costs)
 
     @property
     def needs_base(self) -> bool:
         return "reference" in self.families
 
     def only(self, families: Sequence[str]) -> Scorers:
-        """The scorers of these families."""
-        return Scorers([part for part in self.parts if set(part.families) & set(families)])
+        """The scorers of these families (sharing this one's time account)."""
+        subset = Scorers([part for part in self.parts if set(part.families) & set(families)])
+        subset.seconds = self.seconds
+        return subset
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
                  base_images: Sequence[Image.Image] | None = None) -> list[Scores]:
         merged: list[Scores] = [{} for _ in images]
         for part in self.parts:
+            started = time.perf_counter()
             for score, extra in zip(merged, part(images, prompts, base_images)):
                 score.update(extra)
+            for family in part.families:
+                self.seconds[family] += time.perf_counter() - started
         return merged
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -95,20 +96,27 @@ class ReferenceScorer:
         self.identity_main = self.main.embed(identity_images, batch_size)
         self.identity_clip = clip.embed(identity_images, batch_size)
         self.layers = style_layers(self.main)
-        self.style_grams = [torch.cat([gram_matrices(f) for f in self._features(style_images, layer)]).mean(0)
-                            for layer in self.layers]
+        self.style_grams = [g.mean(0) for g in self._grams(style_images)]
+        self._base: dict[bytes, torch.Tensor] = {}
 
-    def _features(self, images: Sequence[Image.Image], layer: int) -> list[torch.Tensor]:
-        return [self.main.hidden_states(images[i:i + self.batch_size], [layer])[0]
-                for i in range(0, len(images), self.batch_size)]
+    def _grams(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Per style layer, the images' Gram matrices (one pass of the tower per batch for all layers)."""
+        batches = [self.main.hidden_states(images[i:i + self.batch_size], self.layers)
+                   for i in range(0, len(images), self.batch_size)]
+        return [torch.cat([gram_matrices(batch[j]) for batch in batches]) for j in range(len(self.layers))]
 
     def style(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Per image: Gram similarity to the style's training images, averaged over :func:`style_layers`."""
-        per_layer = []
-        for layer, target in zip(self.layers, self.style_grams):
-            grams = torch.cat([gram_matrices(f) for f in self._features(images, layer)]).flatten(1)
-            per_layer.append(torch.nn.functional.cosine_similarity(grams, target.flatten()[None], dim=-1))
+        per_layer = [torch.nn.functional.cosine_similarity(grams.flatten(1), target.flatten()[None], dim=-1)
+                     for grams, target in zip(self._grams(images), self.style_grams)]
         return torch.stack(per_layer).mean(0)
+
+    def _base_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The base images' embeddings, computed once per set (every cell of a grid shares the base cell's)."""
+        key = hashlib.sha256(b"".join(image.tobytes() for image in images)).digest()
+        if key not in self._base:
+            self._base[key] = self.main.embed(images, self.batch_size)
+        return self._base[key]
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
                  base_images: Sequence[Image.Image]) -> list[dict[str, float]]:
@@ -116,13 +124,13 @@ class ReferenceScorer:
         the same prompts and seeds (preservation)."""
         main = self.main.embed(images, self.batch_size)
         identity = centroid_similarity(main, self.identity_main)
-        clip_images = self.clip.embed(images, self.batch_size)
+        clip_images = main if self.main is self.clip else self.clip.embed(images, self.batch_size)
         identity_clip = centroid_similarity(clip_images, self.identity_clip)
         styled = [i for i, p in enumerate(prompts) if self.style_trigger in trigger_tags(p)]
         style = dict(zip(styled, self.style([images[i] for i in styled]).tolist())) if styled else {}
         plain = self.clip.embed_text([plain_prompt(p, self.triggers) for p in prompts])
         prompt_similarity = (clip_images.double() * plain.double()).sum(-1)
-        base = (main.double() * self.main.embed(base_images, self.batch_size).double()).sum(-1)
+        base = (main.double() * self._base_embeddings(base_images).double()).sum(-1) if base_images else None
         scores: list[dict[str, float]] = []
         for i, prompt in enumerate(prompts):
             tags, score = trigger_tags(prompt), {}
@@ -133,7 +141,7 @@ class ReferenceScorer:
                 score[Metric.REF_STYLE.value] = float(style[i])
             if tags & set(self.triggers):
                 score[Metric.REF_PROMPT.value] = float(prompt_similarity[i])
-            else:
+            elif base is not None:
                 score[Metric.REF_PRESERVATION.value] = float(base[i])
             scores.append(score)
         for prompt in dict.fromkeys(prompts):  # one Vendi score per prompt, kept on the prompt's first image

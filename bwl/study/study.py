@@ -179,6 +179,8 @@ class Study:
             log(f"{grid.name}: {count} cells, {made} generated ({len(p.prompts) * len(p.seeds)} images each), "
                 f"{count - made} reused")
         bar.close()
+        if renderer.scorer is not None:
+            log("scoring time: " + ", ".join(f"{f} {t:.1f} s" for f, t in renderer.scorer.seconds.items()))
         path = write_results(p.figures, results, p.to_dict())
         if any(decidable(results, fidelity=pair) for pair in FIDELITY_BY_FAMILY.values()):
             write_text(p.figures / "findings.md", findings_by_family(results))
