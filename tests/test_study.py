@@ -128,6 +128,7 @@ def test_paper_profile_defaults_are_the_papers():
     assert p.train["steps"] == 11000 and p.train["batch_size"] == 2 and p.train["repeats"] == 25
     assert p.reg_count == 500 and p.sample_steps == 25 and p.guidance_scale == 7.0
     assert p.train["mixed_precision"] == "fp16" and p.train["gradient_checkpointing"]
+    assert p.metrics == "reference" and p.clip_model == "openai/clip-vit-large-patch14"
 
 
 def test_grids_share_runs_and_a_rerun_trains_nothing(tmp_path):
@@ -195,7 +196,7 @@ def test_paper_profile_runs_one_cell_through_from_pretrained(tmp_path, tiny_dir,
     shutil.copytree(dreambooth / "red_cartoon", paintings)
     study = Study(load_profile("paper", {
         "model": str(tiny_dir), "identity_dir": str(photos), "style_dir": str(paintings), "tagger": "none",
-        "resolution": 64, "reg_count": 2, "reg_prompt": "dog", "class_word": "dog",
+        "resolution": 64, "reg_count": 2, "reg_prompt": "dog", "class_word": "dog", "metrics": "none",
         "train": {"steps": 2, "batch_size": 1, "repeats": 1, "checkpoint_every": 0},
         "grids": ["fig4b"], "seeds": [0], "prompts": ["sks dog, zxq style"], "sample_steps": 2,
         "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures"),
