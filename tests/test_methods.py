@@ -179,6 +179,8 @@ def test_oft_is_refused_for_lycoris_and_bad_combinations_are_named(tmp_path, tin
         AdapterSpec(method="lokr", text_encoder=True)
     with pytest.raises(BlockSpecError, match="oft.*no alpha"):
         AdapterSpec(method="oft", alpha=8)
+    with pytest.raises(BlockSpecError, match="oft.*no 3x3 conv"):
+        AdapterSpec(method="oft", conv_rank=8)
     with pytest.raises(BlockSpecError, match="one block size"):
         add_adapter(load_pipeline(tiny_dir).unet, AdapterSpec(method="oft", blocks="upper", block_ranks={"IN0": 8}))
     with pytest.raises(ConfigError, match="loraplus_lr_ratio.*loha"):
@@ -225,3 +227,12 @@ def test_a_block_at_zero_learning_rate_is_not_created_and_is_recorded(tmp_path, 
                                                                   loraplus_lr_ratio=16.0))}
     assert len(keys) == 3
     assert "block_lr" not in plain.result_values()  # unset, it leaves existing run keys as they were
+
+
+def test_oft_trains_on_every_block_of_a_small_model_and_skips_3x3_convs(tmp_path, tiny_dir, pipe):
+    """peft's OFT rotates a 3x3 conv's unpadded input patches, which fails on the deep blocks' 1x1 feature maps:
+    bwl's OFT leaves 3x3 convs out, so it trains on all blocks at 64 px."""
+    final = train(config(tmp_path, tiny_dir, method="oft", blocks="all", steps=1), pipe=pipe)
+    names = {k[len("unet."):].rsplit(".oft_R", 1)[0] for k in read_tensors(final)}
+    assert any("resnets" in n and n.endswith("time_emb_proj") for n in names)
+    assert not any(n.endswith(("conv1", "conv2")) or ".upsamplers." in n or ".downsamplers." in n for n in names)

@@ -6,11 +6,13 @@
 | locon   | ``LoraConfig``               | attention + resnet side (LoCon)| rank           | any scale        |
 | loha    | ``LoHaConfig``               | attention + resnet side        | rank           | any scale        |
 | lokr    | ``LoKrConfig``               | attention + resnet side        | rank           | any scale        |
-| oft     | ``OFTConfig``                | attention + resnet side        | block size     | 0 or 1 only      |
+| oft     | ``OFTConfig``                | as locon, but no 3x3 conv      | block size     | 0 or 1 only      |
 
 DoRA (``dora=True``, peft's ``use_dora``) decomposes a ``lora`` or ``locon`` update into magnitude and direction.
-LoHa, LoKr and OFT adapt convolutions, 3x3 included, as LyCORIS does with ``conv_dim``; OFT's block size (kohya's
-``network_dim`` for Diag-OFT) must divide each adapted layer's input features (times the kernel area).
+LoHa and LoKr adapt convolutions, 3x3 included, as LyCORIS does with ``conv_dim``. OFT adapts the resnet side's
+Linear and 1x1 layers but no 3x3 conv: peft's OFT rotates a 3x3 conv's unpadded input patches, which fails on
+feature maps smaller than the kernel (the deep blocks of a 32 px toy model) and is not the padded conv's rotation.
+OFT's block size (kohya's ``network_dim`` for Diag-OFT) must divide each adapted layer's input features.
 """
 
 from __future__ import annotations
@@ -32,18 +34,19 @@ class Method:
 
     name: str
     peft_type: str  # peft's PeftType value, as adapter-file configs record it
-    conv: bool  # adapts the resnet side too (resnets, down/upsamplers, 3x3 convs included)
+    conv: bool  # adapts the resnet side too (resnets, down/upsamplers)
+    conv3x3: bool  # and, there, the 3x3 convolutions
     rank_is_block_size: bool  # OFT: ``rank`` is the orthogonal blocks' size
     scalable: bool  # a block weight strictly between 0 and 1 means something
     lycoris_algo: str | None  # ``algo`` in LyCORIS' ss_network_args (None: kohya's own networks.lora)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("lora", "LORA", conv=False, rank_is_block_size=False, scalable=True, lycoris_algo=None),
-    Method("locon", "LORA", conv=True, rank_is_block_size=False, scalable=True, lycoris_algo=None),
-    Method("loha", "LOHA", conv=True, rank_is_block_size=False, scalable=True, lycoris_algo="loha"),
-    Method("lokr", "LOKR", conv=True, rank_is_block_size=False, scalable=True, lycoris_algo="lokr"),
-    Method("oft", "OFT", conv=True, rank_is_block_size=True, scalable=False, lycoris_algo=None),
+    Method("lora", "LORA", conv=False, conv3x3=False, rank_is_block_size=False, scalable=True, lycoris_algo=None),
+    Method("locon", "LORA", conv=True, conv3x3=True, rank_is_block_size=False, scalable=True, lycoris_algo=None),
+    Method("loha", "LOHA", conv=True, conv3x3=True, rank_is_block_size=False, scalable=True, lycoris_algo="loha"),
+    Method("lokr", "LOKR", conv=True, conv3x3=True, rank_is_block_size=False, scalable=True, lycoris_algo="lokr"),
+    Method("oft", "OFT", conv=True, conv3x3=False, rank_is_block_size=True, scalable=False, lycoris_algo=None),
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 DORA_METHODS: tuple[str, ...] = ("lora", "locon")

@@ -3,9 +3,9 @@
 Targets follow kohya's ``networks/lora.py``:
 
 - ``lora``: every Linear and 1x1 Conv2d inside ``Transformer2DModel`` (proj_in, attn1/attn2 q/k/v/out, ff, proj_out);
-- ``locon`` (and ``loha``, ``lokr``, ``oft``): also every Linear and Conv2d inside ``ResnetBlock2D``,
+- ``locon`` (and ``loha``, ``lokr``): also every Linear and Conv2d inside ``ResnetBlock2D``,
   ``Downsample2D`` and ``Upsample2D`` (conv1/conv2 3x3 at ``conv_rank``, time_emb_proj and the 1x1 conv_shortcut at
-  the block's rank).
+  the block's rank); ``oft`` the same but no 3x3 conv.
 
 Only modules inside the selected blocks get an adapter; a block at rank 0 is simply not targeted.
 """
@@ -83,6 +83,8 @@ class AdapterSpec:
         if self.text_encoder and not plain_lora(self.method, self.dora):
             raise BlockSpecError(f"text_encoder=True with method {method_label(self.method, self.dora)!r}: the text "
                                  "encoder takes plain LoRA only (as diffusers and kohya load it)")
+        if not method.conv3x3 and (self.conv_rank is not None or self.conv_alpha is not None):
+            raise BlockSpecError(f"method {self.method!r} adapts no 3x3 conv; leave conv_rank and conv_alpha unset")
         if method.rank_is_block_size and (self.alpha is not None or self.conv_alpha is not None):
             raise BlockSpecError(f"method {self.method!r} has no alpha (its rank is the orthogonal block size); "
                                  "leave alpha and conv_alpha unset")
@@ -125,7 +127,8 @@ class AdapterSpec:
 
 def find_targets(unet: torch.nn.Module, method: str = "locon") -> list[Target]:
     """Every module of ``unet`` that ``method`` can adapt, found from the model's own module tree."""
-    containers = ATTENTION_CONTAINERS + (CONV_CONTAINERS if get_method(method).conv else ())
+    chosen = get_method(method)
+    containers = ATTENTION_CONTAINERS + (CONV_CONTAINERS if chosen.conv else ())
     targets: dict[str, Target] = {}
     for container_name, container in unet.named_modules():
         if not isinstance(container, containers):
@@ -141,6 +144,8 @@ def find_targets(unet: torch.nn.Module, method: str = "locon") -> list[Target]:
             if block is None or fine is None:
                 continue
             is_conv3x3 = isinstance(base, torch.nn.Conv2d) and tuple(base.kernel_size) != (1, 1)
+            if is_conv3x3 and not chosen.conv3x3:
+                continue
             targets[name] = Target(name, block, fine, is_conv3x3)
     return list(targets.values())
 
