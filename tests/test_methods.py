@@ -236,3 +236,38 @@ def test_oft_trains_on_every_block_of_a_small_model_and_skips_3x3_convs(tmp_path
     names = {k[len("unet."):].rsplit(".oft_R", 1)[0] for k in read_tensors(final)}
     assert any("resnets" in n and n.endswith("time_emb_proj") for n in names)
     assert not any(n.endswith(("conv1", "conv2")) or ".upsamplers." in n or ".downsamplers." in n for n in names)
+
+
+@pytest.mark.parametrize("factor,decompose_both", [(4, True), (4, False), (-1, True)])
+def test_lycoris_lokr_files_with_their_own_factor_load(tmp_path, tiny_dir, factor, decompose_both):
+    """A LyCORIS LoKr file as LyCORIS writes it with ``factor`` and ``decompose_both``: imported and loaded as is, it
+    gives the U-Net the file was made from."""
+    from peft import LoKrConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from bwl.adapters.spec import AdapterSpec as Spec
+
+    pipe = load_pipeline(tiny_dir)
+    targets = list(Spec(method="lokr", blocks="upper").module_ranks(pipe.unet))
+    pipe.unet.add_adapter(LoKrConfig(r=2, alpha=3.0, target_modules=targets, decompose_factor=factor,
+                                     decompose_both=decompose_both), adapter_name="w")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if ".w." in name + "." and "lokr" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    expected = unet_output(pipe.unet)
+    wild = {}
+    for key, value in get_peft_model_state_dict(pipe.unet, adapter_name="w").items():
+        module, tensor = key.rsplit(".", 1)
+        wild[f"lora_unet_{module.replace('.', '_')}.{tensor}"] = value.contiguous()
+        wild[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(3.0)
+    save_file(wild, str(tmp_path / "wild.safetensors"), metadata={"ss_network_module": "lycoris.kohya"})
+    assert inspect_adapter(tmp_path / "wild.safetensors").method == "lokr"
+    back = import_kohya(tmp_path / "wild.safetensors", load_pipeline(tiny_dir), tmp_path / "back.safetensors")
+    for file in (tmp_path / "wild.safetensors", back):
+        out = loaded_output(tiny_dir, file)
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), file.name
+    assert json.loads(read_metadata(export_kohya(back, tmp_path / "again.safetensors"))["ss_network_args"])[
+        "factor"] == str(factor)

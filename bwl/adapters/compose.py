@@ -23,7 +23,7 @@ from bwl.adapters.blocks import block_weights, fine_block
 from bwl.adapters.files import check_safetensors
 from bwl.adapters.metadata import AdapterFileError
 from bwl.adapters.methods import carries, is_adapter_layer, plain_lora
-from bwl.adapters.modules import AdapterContents, ModuleAdapter, fitted_modules
+from bwl.adapters.modules import AdapterContents, ModuleAdapter, fitted_modules, lokr_options
 from bwl.adapters.spec import config_for_modules
 from bwl.sd.pipeline import quiet_loading
 
@@ -77,8 +77,9 @@ def _load_with_peft(
         raise AdapterFileError(f"{contents.path}: text-encoder modules with method {contents.method!r}; the text "
                                "encoder takes plain LoRA only")
     config = config_for_modules({n: (m.rank, m.alpha) for n, m in modules.items()}, contents.method, contents.dora)
-    if contents.method == "lokr":  # w1 factored into w1_a/w1_b somewhere: peft's decompose_both
-        config.decompose_both = any(m.options.get("decompose_both") for m in modules.values())
+    if contents.method == "lokr":  # peft's decompose_both and decompose_factor, as the tensors imply
+        for option, value in lokr_options(contents.path, list(modules.values())).items():
+            setattr(config, option, value)
     pipe.unet.add_adapter(config, adapter_name=name)
     state = {f"{module}.{tensor}": value for module, m in modules.items() for tensor, value in m.tensors.items()}
     result = set_peft_model_state_dict(pipe.unet, state, adapter_name=name)

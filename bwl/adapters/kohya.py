@@ -29,7 +29,7 @@ from bwl.adapters.blocks import FINE_BLOCKS, fine_block, format_blocks, paper_bl
 from bwl.adapters.files import write_adapter_file
 from bwl.adapters.metadata import AdapterFileError, bwl_fields, kohya_fields
 from bwl.adapters.methods import METHODS, method_label, plain_lora
-from bwl.adapters.modules import ModuleAdapter, check_fits, read_modules
+from bwl.adapters.modules import ModuleAdapter, check_fits, lokr_options, read_modules
 from bwl.adapters.spec import config_for_modules
 from bwl.adapters.text_encoder import KOHYA_PREFIX, kohya_module_name
 from bwl.core.atomic import atomic_path
@@ -93,7 +93,7 @@ def _lycoris_args(contents, linear: list[ModuleAdapter], conv: list[ModuleAdapte
     if contents.dora:
         args.update(dora_wd="True", wd_on_output="True")
     if contents.method == "lokr":
-        args["factor"] = "-1"
+        args["factor"] = str(lokr_options(contents.path, contents.unet)["decompose_factor"])
     return "lycoris.kohya", args
 
 
@@ -166,8 +166,9 @@ def import_kohya(
         if modules:
             method = contents.method if component == "unet" else "lora"
             config = config_for_modules({n: (m.rank, m.alpha) for n, m in modules.items()}, method, contents.dora)
-            if method == "lokr":
-                config.decompose_both = any(m.options.get("decompose_both") for m in modules.values())
+            if method == "lokr":  # peft's decompose_both and decompose_factor, as the tensors imply
+                for option, value in lokr_options(contents.path, list(modules.values())).items():
+                    setattr(config, option, value)
             configs[component] = config.to_dict()
     source = kohya_fields(contents.metadata)
     steps = source.get("ss_max_train_steps", "")

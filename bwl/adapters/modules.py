@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft.tuners.lokr.layer import factorization
 from peft.utils.other import get_pattern_key
 
 from bwl.adapters.blocks import BlockSpecError, paper_block
@@ -135,10 +136,22 @@ def _kind(path: Path, name: str, parts: dict[str, torch.Tensor]) -> str:
     return kind
 
 
+def _lokr_factors(parts: dict[str, torch.Tensor]) -> list[int]:
+    """LyCORIS' possible ``factor`` values for a LoKr module, likeliest first: -1 when ``w1`` is the balanced
+    factorization of the dimensions the factors give, and ``w1``'s larger side (what LyCORIS' loader takes then).
+    :func:`check_shapes` keeps the first that fits the model's layer."""
+    w1 = parts["lokr_w1"].shape if "lokr_w1" in parts else (parts["lokr_w1_a"].shape[0], parts["lokr_w1_b"].shape[1])
+    w2 = parts["lokr_w2"].shape[:2] if "lokr_w2" in parts else (parts["lokr_w2_a"].shape[0],
+                                                                parts["lokr_w2_b"].shape[1])
+    balanced = (factorization(w1[0] * w2[0], -1)[0], factorization(w1[1] * w2[1], -1)[0]) == tuple(w1)
+    return [-1, max(w1)] if balanced else [max(w1), -1]
+
+
 def _lokr_rank(parts: dict[str, torch.Tensor], alpha: float | None) -> tuple[int, float, dict]:
     """LyCORIS' LoKr rank and scale, as peft's ``r``/``alpha``: both factors full means scale 1 (LyCORIS sets alpha to
     the rank), which peft builds with ``r`` at least half the largest factor dimension."""
-    options = {"decompose_both": "lokr_w1_a" in parts}
+    factors = _lokr_factors(parts)
+    options = {"decompose_both": "lokr_w1_a" in parts, "decompose_factor": factors[0], "factors": factors}
     for factor in ("lokr_w2_a", "lokr_w1_a"):
         if factor in parts:
             rank = int(parts[factor].shape[1])
@@ -208,7 +221,8 @@ def _read_peft(path: Path, tensors: dict[str, torch.Tensor], contents: AdapterCo
             default_rank = parts["lora_A.weight"].shape[0] if kind == "LORA" else config["r"]
             rank = _pattern_value(config, "rank_pattern", name, config.get("r", default_rank))
             alpha = _pattern_value(config, "alpha_pattern", name, config.get("lora_alpha", config.get("alpha", rank)))
-        options = {"decompose_both": bool(config.get("decompose_both"))} if kind == "LOKR" else {}
+        options = ({"decompose_both": bool(config.get("decompose_both")),
+                    "decompose_factor": int(config.get("decompose_factor", -1))} if kind == "LOKR" else {})
         module = ModuleAdapter(name, parts, float(alpha), int(rank), kind, options)
         if component == "unet":
             _place(path, f"unet.{name}", module, contents)
@@ -277,12 +291,18 @@ def check_shapes(path: str | Path, modules: dict[str, ModuleAdapter], model: tor
         weight = getattr(base, "weight", None)
         if weight is None or not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
             raise AdapterFileError(f"{path}: {what} module {name!r} has no Linear or Conv2d weight to adapt")
+        shapes = {k: tuple(t.shape) for k, t in adapter.tensors.items()}
+        options = {k: v for k, v in adapter.options.items() if k != "factors"}
         try:
-            expected = expected_shapes(_method(adapter), base, adapter.rank, adapter.alpha, adapter.dora,
-                                       **adapter.options)
+            expected = expected_shapes(_method(adapter), base, adapter.rank, adapter.alpha, adapter.dora, **options)
+            if "factors" in adapter.options:  # a LyCORIS LoKr file: the factors its shapes fit in this layer
+                method, rank, alpha = _method(adapter), adapter.rank, adapter.alpha
+                fits = [f for f in adapter.options["factors"]
+                        if expected_shapes(method, base, rank, alpha, **{**options, "decompose_factor": f}) == shapes]
+                expected = shapes if fits else expected
+                adapter.options["factors"] = fits
         except ValueError as err:
             raise AdapterFileError(f"{path}: {what} module {name}: {err}") from None
-        shapes = {k: tuple(t.shape) for k, t in adapter.tensors.items()}
         if shapes != expected:
             shown = (f"LoRA down {shapes.get('lora_A.weight')} and up {shapes.get('lora_B.weight')}"
                      if adapter.peft_type == "LORA" and not adapter.dora else
@@ -291,6 +311,17 @@ def check_shapes(path: str | Path, modules: dict[str, ModuleAdapter], model: tor
                 f"{path}: {what} module {name}: {shown} do not fit its weight {tuple(weight.shape)} "
                 "(an adapter for a different base architecture?)"
             )
+
+
+def lokr_options(path: str | Path, modules: list[ModuleAdapter]) -> dict:
+    """The LoKr config fields a file's modules imply together: ``decompose_both`` where any factors ``w1``, and the
+    one ``decompose_factor`` (peft has one per adapter; modules that disagree are an error naming the file)."""
+    fitting = [set(m.options.get("factors", [m.options.get("decompose_factor", -1)])) for m in modules]
+    common = set.intersection(*fitting) if fitting else {-1}
+    if not common:
+        raise AdapterFileError(f"{path}: LoKr modules whose shapes need different factors; peft takes one per file")
+    return {"decompose_both": any(m.options.get("decompose_both") for m in modules),
+            "decompose_factor": -1 if -1 in common else min(common)}
 
 
 def check_fits(
