@@ -271,3 +271,23 @@ def test_lycoris_lokr_files_with_their_own_factor_load(tmp_path, tiny_dir, facto
         assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), file.name
     assert json.loads(read_metadata(export_kohya(back, tmp_path / "again.safetensors"))["ss_network_args"])[
         "factor"] == str(factor)
+
+
+def test_methods_combine_in_one_pipeline_lora_family_first(tmp_path, tiny_dir):
+    """peft stacks LoHa, LoKr and OFT layers on LoRA layers but not LoRA on theirs: load_adapters loads the LoRA
+    family first, and load_adapter in the other order says so instead of failing inside peft."""
+    from bwl.adapters import load_adapters
+
+    files = {m: trained_file(tmp_path, tiny_dir, m, dora)[0] for m, dora in (("loha", False), ("locon", True))}
+    alone = {m: loaded_output(tiny_dir, f) for m, f in files.items()}
+    pipe = load_pipeline(tiny_dir)
+    load_adapters(pipe, files)  # loha listed first, loaded second
+    for name in files:
+        set_block_weights(pipe, {name: 1.0})
+        assert torch.equal(unet_output(pipe.unet), alone[name])
+    set_block_weights(pipe, {"loha": 1.0, "locon": "upper"})
+    assert not torch.equal(unet_output(pipe.unet), alone["loha"])
+    pipe = load_pipeline(tiny_dir)
+    load_adapter(pipe, files["loha"], "loha")
+    with pytest.raises(AdapterFileError, match="load the LoRA-family adapters first"):
+        load_adapter(pipe, files["locon"], "locon")

@@ -17,13 +17,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
+from peft.tuners.lora import LoraLayer
 from peft.utils import set_peft_model_state_dict
 
 from bwl.adapters.blocks import block_weights, fine_block
 from bwl.adapters.files import check_safetensors
 from bwl.adapters.metadata import AdapterFileError
 from bwl.adapters.methods import carries, is_adapter_layer, plain_lora
-from bwl.adapters.modules import AdapterContents, ModuleAdapter, fitted_modules, lokr_options
+from bwl.adapters.modules import AdapterContents, ModuleAdapter, fitted_modules, lokr_options, read_modules
 from bwl.adapters.spec import config_for_modules
 from bwl.sd.pipeline import quiet_loading
 
@@ -53,6 +54,13 @@ def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> 
     """
     path = check_safetensors(path)
     contents, resolved = fitted_modules(path, pipe.unet, getattr(pipe, "text_encoder", None))
+    if contents.method in ("lora", "locon"):
+        stacked = sorted({n for m in pipe.unet.modules() if is_adapter_layer(m) and not isinstance(m, LoraLayer)
+                          for layer in m.adapter_layer_names for n in getattr(m, layer, {})})
+        if stacked:
+            raise AdapterFileError(
+                f"{path}: peft cannot put LoRA/LoCon/DoRA layers on layers that already carry LoHa, LoKr or OFT "
+                f"adapters ({', '.join(stacked)}); load the LoRA-family adapters first (load_adapters does)")
     if not plain_lora(contents.method, contents.dora):
         _load_with_peft(pipe, contents, resolved["unet"], name)
         return
@@ -91,11 +99,13 @@ def _load_with_peft(
 
 
 def load_adapters(pipe: StableDiffusionPipeline, files: Mapping[str, str | Path]) -> None:
-    """Load adapter files into ``pipe`` under the given names (already loaded names are skipped)."""
+    """Load adapter files into ``pipe`` under the given names (already loaded names are skipped): LoRA-family files
+    first, as peft can stack LoHa, LoKr and OFT layers on LoRA layers but not the other way round."""
     loaded = set(pipe.get_list_adapters().get("unet", [])) | set(pipe.get_list_adapters().get("text_encoder", []))
-    for name, path in files.items():
-        if name not in loaded:
-            load_adapter(pipe, path, name)
+    todo = {name: path for name, path in files.items() if name not in loaded}
+    order = sorted(todo, key=lambda name: read_modules(todo[name]).method not in ("lora", "locon"))
+    for name in order:
+        load_adapter(pipe, todo[name], name)
 
 
 def _weight_key(module_name: str) -> str | None:

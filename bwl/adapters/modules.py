@@ -25,7 +25,7 @@ from peft.utils.other import get_pattern_key
 from bwl.adapters.blocks import BlockSpecError, paper_block
 from bwl.adapters.files import read_metadata, read_tensors
 from bwl.adapters.metadata import AdapterFileError, bwl_fields, peft_configs
-from bwl.adapters.methods import ALL_TENSOR_NAMES, METHODS, TENSOR_NAMES, expected_shapes
+from bwl.adapters.methods import ALL_TENSOR_NAMES, METHODS, TENSOR_NAMES, base_layer, expected_shapes
 from bwl.adapters.text_encoder import KOHYA_PREFIX as KOHYA_TE_PREFIX
 from bwl.adapters.text_encoder import modules_by_kohya_name
 
@@ -286,8 +286,7 @@ def check_shapes(path: str | Path, modules: dict[str, ModuleAdapter], model: tor
     its tensors' shapes and the layer's weight shape."""
     named = dict(model.named_modules())
     for name, adapter in modules.items():
-        base = named[name]
-        base = getattr(base, "base_layer", base)
+        base = base_layer(named[name])  # under every peft wrapper (a model may hold several methods' layers)
         weight = getattr(base, "weight", None)
         if weight is None or not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
             raise AdapterFileError(f"{path}: {what} module {name!r} has no Linear or Conv2d weight to adapt")

@@ -121,10 +121,10 @@ def run_methods(study: Study, log: Log = log) -> Path:
     grids = [method_grid(method, block) for method in p.methods]
     keys = adapters_of(grids)
     files = study.train_all(keys, log)
-    renderer = study.renderer(keys, resident=[])
     results = []
     with progress(sum(len(g.columns()) for g in grids), "method cells") as bar:
-        for grid in grids:
+        for grid in grids:  # a fresh pipeline per method: peft cannot stack some methods' layers on others'
+            renderer = study.renderer(adapters_of([grid]), resident=[])
             for column in grid.columns():
                 key, _ = renderer.render(column, p.prompts, p.seeds)
                 results.append(CellResult(grid.name, column.label, key, renderer.summary(key)))
