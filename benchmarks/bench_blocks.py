@@ -59,6 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["tiny", "toy", "full"], help="override the device's default model")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_LABELS), help="method labels to measure")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default: the device's setting)")
+    parser.add_argument("--rounds", type=int, help="timed rounds; the median is reported")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, resolution, batch, precision, steps, rounds = SETTINGS[device.type]
@@ -68,6 +70,7 @@ def main() -> None:
         model, resolution, batch = "toy", 32, 8  # the toy study's training setting
     elif args.model:
         model = args.model
+    steps, rounds = args.steps or steps, args.rounds or rounds
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
@@ -85,6 +88,8 @@ def main() -> None:
     command = "python benchmarks/bench_blocks.py" + (f" --model {args.model}" if args.model else "") + f" ({setting})"
     if args.methods != list(METHOD_LABELS):
         command += " --methods " + " ".join(args.methods)
+    if args.steps or args.rounds:
+        command += f" --steps {steps} --rounds {rounds}"
     name = f"blocks-{device.type}" + (f"-{model}" if model != SETTINGS[device.type][0] else "")
     csv_path, md_path = write_table(name, rows, command)
     print(f"wrote {csv_path} and {md_path}")
