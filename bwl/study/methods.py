@@ -10,8 +10,12 @@ style" (the same two adapters). ``python -m bwl methods`` (profile ``methods``) 
 from __future__ import annotations
 
 import csv
-import re
+import dataclasses
+import os
+import platform
 import statistics
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +46,10 @@ from bwl.study.vocabulary import (
     style,
 )
 from bwl.study.workers import Log
+from bwl.train.config import TrainConfig
+from bwl.train.run import TrainingRun
 
 SELECTIONS = ("all", "upper", "middle", "bottom")  # the style's blocks, before the sweep's best single block
-_STEP_TIME = re.compile(r"\(([\d.]+) s/step\)")
 
 
 def best_single_block(sweep_csv: Path) -> str:
@@ -97,7 +102,7 @@ class MethodRow:
     style: Estimate
     preservation: Estimate
     parameters: int  # the style adapter's trainable parameters
-    step_seconds: float  # median seconds per training step of the style adapter, from its training log
+    step_seconds: float  # median seconds per training step of the style adapter, measured in this process
 
     def row(self) -> dict[str, str | float | int]:
         values: dict[str, str | float | int] = {"method": self.method, "style_blocks": self.blocks}
@@ -107,10 +112,19 @@ class MethodRow:
         return values | {"parameters": self.parameters, "step_seconds": self.step_seconds}
 
 
-def step_seconds(train_log: Path) -> float:
-    """The median of the seconds per step a training log reports (NaN when it reports none)."""
-    times = [float(m.group(1)) for m in _STEP_TIME.finditer(train_log.read_text())] if train_log.exists() else []
-    return statistics.median(times) if times else float("nan")
+def step_seconds(config: TrainConfig, steps: int = 6, warmup: int = 2) -> float:
+    """The median seconds per training step of ``config``'s adapter, measured here, one adapter at a time (after
+    ``warmup`` steps), so that every method is timed alike on this machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = TrainingRun(dataclasses.replace(config, output_dir=tmp))
+        for step in range(warmup):
+            run.step(step)
+        times = []
+        for step in range(warmup, warmup + steps):
+            started = time.perf_counter()
+            run.step(step)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def run_methods(study: Study, log: Log = log) -> Path:
@@ -120,7 +134,7 @@ def run_methods(study: Study, log: Log = log) -> Path:
     block = p.methods_block or best_single_block(p.figures / "sweep.csv")
     grids = [method_grid(method, block) for method in p.methods]
     keys = adapters_of(grids)
-    files = study.train_all(keys, log)
+    study.train_all(keys, log)
     results = []
     with progress(sum(len(g.columns()) for g in grids), "method cells") as bar:
         for grid in grids:  # a fresh pipeline per method: peft cannot stack some methods' layers on others'
@@ -132,14 +146,14 @@ def run_methods(study: Study, log: Log = log) -> Path:
             log(f"{grid.name}: {len(grid.columns())} cells")
     out = p.figures / "methods"
     write_results(out, results, p.to_dict())
-    rows = method_rows(study, grids, results, block, files)
+    rows = method_rows(study, grids, results, block)
     write_method_table(out / "methods.csv", rows)
     write_text(out / "methods.md", methods_markdown(rows, results, grids))
     methods_figure(rows, out / "methods.png")
     return out / "methods.csv"
 
 
-def method_rows(study: Study, grids: list[Grid], results: list[CellResult], block: str, files) -> list[MethodRow]:
+def method_rows(study: Study, grids: list[Grid], results: list[CellResult], block: str) -> list[MethodRow]:
     """Per method and style selection: fidelity and preservation of full ID + that style, parameters, step time."""
     unet = load_pipeline(study.model).unet
     labels = {"all": FULL_ID_FULL_STYLE, "upper": FULL_ID_UPPER_TRAINED_STYLE, "middle": FULL_ID_MIDDLE_STYLE,
@@ -152,7 +166,7 @@ def method_rows(study: Study, grids: list[Grid], results: list[CellResult], bloc
             config = study.train_config(key)
             rows.append(MethodRow(grid.method, blocks, found[Metric.IDENTITY], found[Metric.STYLE],
                                   found[Metric.PRESERVATION], config.adapter_spec().parameter_count(unet),
-                                  step_seconds(Path(files[key]).parent / "train.log")))
+                                  step_seconds(config)))
     return rows
 
 
@@ -174,7 +188,9 @@ def verdicts(results: list[CellResult], grid: Grid) -> dict[str, str]:
 def methods_markdown(rows: list[MethodRow], results: list[CellResult], grids: list[Grid]) -> str:
     """The methods table (fidelity, preservation, parameters, step time) and each method's C1-C3 verdicts, then
     every method's findings tables."""
-    lines = ["| method | style on | identity | style | preservation | parameters | s/step |",
+    lines = [f"Measured on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads: s/step is the "
+             "median of 6 training steps (after 2 warm-up steps) of each style adapter, timed one at a time.", "",
+             "| method | style on | identity | style | preservation | parameters | s/step |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r.method} | {r.blocks} | {r.identity} | {r.style} | {r.preservation} | {r.parameters:,} | "
               f"{r.step_seconds:.2f} |" for r in rows]
@@ -210,7 +226,7 @@ def methods_figure(rows: list[MethodRow], out: Path | None = None) -> Figure:
     left.legend(fontsize=7, ncol=2)
     right.set_xscale("log")
     right.set_xlabel("style adapter parameters")
-    right.set_ylabel("median s/step (training, 2 workers on 2 CPU cores)")
+    right.set_ylabel("median s/step (training, measured one adapter at a time)")
     fig.tight_layout()
     if out is not None:
         with atomic_path(out) as tmp:
