@@ -83,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--profile", default="toy")
     toy_clip = commands.add_parser("toy-clip", help="retrain the toy CLIP (data/toy-clip) on the seen concepts")
-    toy_clip.add_argument("--steps", type=int, default=800)
+    toy_clip.add_argument("--steps", type=int, default=600)
     gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
     gates.add_argument("--profile", default="toy")
     gates.add_argument("--count", type=int, default=64)

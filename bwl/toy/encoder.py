@@ -37,7 +37,7 @@ def toy_clip_model(vocab_size: int, seed: int = 0) -> CLIPModel:
         projection_dim=64))
 
 
-def train_toy_clip(out: str | Path = TOY_CLIP, steps: int = 800, batch_size: int = 128, pool: int = 8192,
+def train_toy_clip(out: str | Path = TOY_CLIP, steps: int = 600, batch_size: int = 128, pool: int = 8192,
                    seed: int = 0, lr: float = 2e-3, log_every: int = 100) -> dict:
     """Train the toy CLIP on seen concepts only and ``save_pretrained`` it (model, image processor, tokenizer) with
     a report of its retrieval accuracy on fresh seen pairs. Images come from a pool of ``pool`` renders made once;
