@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -44,3 +45,12 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data: object) -> Path:
     """Write JSON atomically, pretty-printed and key-sorted so configs diff cleanly."""
     return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """``rows`` (dicts with the same keys, the first row's order) as a CSV file, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)

@@ -9,7 +9,6 @@ style" (the same two adapters). ``python -m bwl methods`` (profile ``methods``) 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import platform
@@ -22,7 +21,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from bwl.adapters.blocks import PAPER_BLOCKS
-from bwl.core.atomic import atomic_path, write_text
+from bwl.core.atomic import atomic_path, write_csv, write_text
 from bwl.sd.pipeline import load_pipeline
 from bwl.study.console import log, progress
 from bwl.study.findings import Claim, claim_verdict, compare, decidable, findings_markdown
@@ -147,7 +146,7 @@ def run_methods(study: Study, log: Log = log) -> Path:
     out = p.figures / "methods"
     write_results(out, results, p.to_dict())
     rows = method_rows(study, grids, results, block)
-    write_method_table(out / "methods.csv", rows)
+    write_csv(out / "methods.csv", [r.row() for r in rows])
     write_text(out / "methods.md", methods_markdown(rows, results, grids))
     methods_figure(rows, out / "methods.png")
     return out / "methods.csv"
@@ -168,15 +167,6 @@ def method_rows(study: Study, grids: list[Grid], results: list[CellResult], bloc
                                   found[Metric.PRESERVATION], config.adapter_spec().parameter_count(unet),
                                   step_seconds(config)))
     return rows
-
-
-def write_method_table(path: Path, rows: list[MethodRow]) -> Path:
-    values = [r.row() for r in rows]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(values[0]))
-        writer.writeheader()
-        writer.writerows(values)
-    return path
 
 
 def verdicts(results: list[CellResult], grid: Grid) -> dict[str, str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bwl import __version__
-from bwl.core.atomic import atomic_path, write_json, write_text
+from bwl.core.atomic import write_csv, write_json, write_text
 from bwl.study.metrics import Estimate
 from bwl.study.vocabulary import METRICS, PROBE_METRICS, Metric
 
@@ -55,10 +55,7 @@ def results_markdown(results: list[CellResult]) -> str:
 def write_results(folder: Path, results: list[CellResult], profile: dict) -> Path:
     """``results.csv``, ``results.md`` and ``results.json`` in ``folder``; returns the CSV's path."""
     rows = [r.row() for r in results]
-    with atomic_path(folder / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(folder / "results.csv", rows)
     write_text(folder / "results.md", results_markdown(results))
     write_json(folder / "results.json", {"profile": profile, "rows": rows, "bwl_version": __version__})
     return folder / "results.csv"

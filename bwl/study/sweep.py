@@ -9,7 +9,7 @@ from itertools import combinations
 from pathlib import Path
 
 from bwl.adapters.blocks import PAPER_BLOCKS, parse_blocks
-from bwl.core.atomic import atomic_path
+from bwl.core.atomic import write_csv
 from bwl.study.console import log, progress
 from bwl.study.metrics import Estimate
 from bwl.study.study import Study
@@ -66,12 +66,7 @@ def run_sweep(study: Study, log: Log = log) -> Path:
 
 
 def write_sweep(path: Path, results: list[SweepResult]) -> Path:
-    rows = [r.row() for r in results]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(path, [r.row() for r in results])
 
 
 def read_sweep(path: Path) -> list[SweepResult]:
