@@ -24,12 +24,14 @@ def test_vendi_score_on_hand_computed_cases():
 
 
 def test_gram_matrix_and_style_similarity_by_hand():
-    features = torch.tensor([[[1.0, 0.0], [1.0, 2.0]]])  # one image, 2 tokens, 2 channels
-    assert torch.allclose(gram_matrices(features)[0], torch.tensor([[1.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
+    features = torch.tensor([[[1.0, 0.0], [3.0, 2.0]]])  # one image, 2 tokens, 2 channels; mean (2, 1)
+    # centered tokens (-1, -1) and (1, 1): F̃ᵀF̃ / 2 = [[1, 1], [1, 1]]
+    assert torch.allclose(gram_matrices(features)[0], torch.ones(2, 2, dtype=torch.float64))
+    assert torch.allclose(gram_matrices(features + 5.0), gram_matrices(features))  # a shared offset is removed
     same = gram_similarity([features], [features])
     assert same.item() == pytest.approx(1.0)
-    other = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])  # Gram [[0, 0], [0, 1]]
-    expected = 2.0 / (math.sqrt(7) * 1.0)  # <[1,1,1,2], [0,0,0,1]> / (|.| |.|)
+    other = torch.tensor([[[0.0, 1.0], [2.0, 1.0]]])  # centered (-1, 0), (1, 0): Gram [[1, 0], [0, 0]]
+    expected = 1.0 / (2.0 * 1.0)  # <[1,1,1,1], [1,0,0,0]> / (|.| |.|)
     assert gram_similarity([features], [other]).item() == pytest.approx(expected)
     two_layers = gram_similarity([features, features], [other, features])
     assert two_layers.item() == pytest.approx((expected + 1) / 2)
@@ -66,6 +68,7 @@ def test_paper_path_writes_every_reference_metric_and_findings(tmp_path, tiny_di
     """The paper profile on a saved tiny SD1.x pipeline, tiny saved encoders and real photos. Cells first rendered
     without metrics are scored from their stored images when the profile asks for reference metrics."""
     import csv
+    import json
     import shutil
 
     from bwl.study.profile import load_profile
@@ -105,6 +108,15 @@ def test_paper_path_writes_every_reference_metric_and_findings(tmp_path, tiny_di
     assert float(base["ref_preservation"]) == pytest.approx(1.0)  # the base model's own images
     findings = (tmp_path / "figures" / "findings.md").read_text()
     assert "C1" in findings and "C3" in findings and "ref_identity" not in findings.split("|")[0]
+
+    # Another version of the reference scorer (here: other plain words) scores every cell again, images untouched.
+    cells = sorted((tmp_path / "runs" / "cells").glob("*/cell.json"))
+    before = [json.loads(p.read_text())["scored_with"]["reference"] for p in cells]
+    rescored = Study(load_profile("paper", {**values, "metrics": "reference", "style_words": "a cartoon"}))
+    rescored.run_grids()
+    after = [json.loads(p.read_text())["scored_with"]["reference"] for p in cells]
+    assert len(set(after)) == 1 and not set(before) & set(after)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "cells").rglob("images.npz")} == stamps
 
 
 def test_spearman_and_its_bootstrap_by_hand():

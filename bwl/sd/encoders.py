@@ -16,13 +16,14 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model
 
+from bwl.core.hashing import fingerprint
 from bwl.sd.pipeline import ModelNotFound, quiet_loading
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_DINO = "facebook/dinov2-base"
 
 
-def _load(kind: str, model_id: str, load):
+def _load(kind: str, model_id: str | Path, load):
     local = Path(model_id).is_dir()
     try:
         with quiet_loading(local):
@@ -46,6 +47,11 @@ class ImageEncoder:
     model: torch.nn.Module
     processor: object
     tokenizer: object | None = None  # CLIP only: text-image similarity
+
+    @property
+    def identity(self) -> str:
+        """What the encoder is: a local directory by content, a hub id by name."""
+        return fingerprint(self.name) if Path(self.name).is_dir() else self.name
 
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
@@ -81,7 +87,7 @@ class ImageEncoder:
         return [states[i][:, 1:].float() for i in layers]
 
 
-def load_clip(model_id: str = DEFAULT_CLIP) -> ImageEncoder:
+def load_clip(model_id: str | Path = DEFAULT_CLIP) -> ImageEncoder:
     """A CLIP model (``CLIPModel``), its image processor and tokenizer, by hub id or local directory."""
     model = _load("CLIP", model_id, CLIPModel.from_pretrained).eval()
     processor = _load("CLIP", model_id, AutoImageProcessor.from_pretrained)
@@ -89,7 +95,7 @@ def load_clip(model_id: str = DEFAULT_CLIP) -> ImageEncoder:
     return ImageEncoder(str(model_id), model, processor, tokenizer)
 
 
-def load_dino(model_id: str = DEFAULT_DINO) -> ImageEncoder:
+def load_dino(model_id: str | Path = DEFAULT_DINO) -> ImageEncoder:
     """A DINOv2 model (``Dinov2Model``) and its image processor, by hub id or local directory."""
     model = _load("DINO", model_id, Dinov2Model.from_pretrained).eval()
     return ImageEncoder(str(model_id), model, _load("DINO", model_id, AutoImageProcessor.from_pretrained))

@@ -2,7 +2,9 @@
 
 A cell is keyed by everything its images depend on: the base model and each adapter by content, the weights, the
 prompts, seeds, sampler steps, guidance scale and size. ``cells/<key>/`` holds ``images.npz``, ``cell.json`` and
-``scores.json``, written last, whose presence marks a complete cell; a rerun reuses complete cells.
+``scores.json``, written last, whose presence marks a complete cell; a rerun reuses complete cells. ``cell.json``'s
+``scored_with`` records each metric family's scorer version: a family the profile asks for that is missing, or was
+scored by another version (other encoders, instrument or measures), is scored again from the stored images.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from bwl.adapters.compose import load_adapters, set_block_weights
 from bwl.core.atomic import atomic_path, write_json
 from bwl.core.hashing import config_hash
 from bwl.sd.generate import generate
-from bwl.study.metrics import Estimate, Scorers, Scores, families_scored, summarize
+from bwl.study.metrics import Estimate, Scorers, Scores, summarize, without_families
 from bwl.study.profile import Profile
 from bwl.study.vocabulary import BASE, AdapterKey, Cell, Metric
 
@@ -81,7 +83,7 @@ class CellRenderer:
 
     def render(self, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[str, bool]:
         """The cell's key, and whether it was generated now (False: reused; a family the profile scores with that the
-        stored cell lacks is scored from its stored images)."""
+        stored cell lacks, or holds from another scorer version, is scored from its stored images)."""
         key = self.key(cell, prompts, seeds)
         if self.store.complete(key):
             self._score_missing(key, cell, prompts, seeds)
@@ -97,7 +99,7 @@ class CellRenderer:
         description = {"cell": cell.label, "adapters": {k: str(w) for k, w in cell.named_weights().items()},
                        "prompts": list(prompts), "seeds": list(seeds), "steps": p.sample_steps,
                        "cfg": p.guidance_scale, "size": p.resolution,
-                       "scored_with": list(self.scorer.families) if self.scorer is not None else []}
+                       "scored_with": dict(self.scorer.versions) if self.scorer is not None else {}}
         self.store.save(key, images, description, scores)
         return key, True
 
@@ -117,13 +119,16 @@ class CellRenderer:
         folder = self.store.folder(key)
         description = json.loads((folder / "cell.json").read_text())
         scores = self.store.scores(key)
-        done = description.get("scored_with", families_scored(scores))
-        missing = [f for f in self.scorer.families if f not in done]
-        if not missing:
+        done = description.get("scored_with", {})
+        done = done if isinstance(done, dict) else {}  # a bare list of families: versions unknown, scored again
+        stale = [f for f in self.scorer.families if done.get(f) != self.scorer.versions[f]]
+        if not stale:
             return
-        extra = self._score(self.scorer.only(missing), cell, self.store.images(key), prompts, seeds)
-        write_json(folder / "scores.json", [{**old, **new} for old, new in zip(scores, extra)])
-        write_json(folder / "cell.json", {**description, "scored_with": [*done, *missing]})
+        extra = self._score(self.scorer.only(stale), cell, self.store.images(key), prompts, seeds)
+        kept = without_families(scores, stale)
+        write_json(folder / "scores.json", [{**old, **new} for old, new in zip(kept, extra)])
+        write_json(folder / "cell.json", {**description,
+                                          "scored_with": {**done, **{f: self.scorer.versions[f] for f in stale}}})
 
     def summary(self, key: str) -> dict[Metric, Estimate]:
         return summarize(self.store.scores(key))

@@ -20,8 +20,9 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from bwl.core.hashing import file_hash
 from bwl.data.datasets import split_tags
-from bwl.study.vocabulary import METRICS, PROBE_METRICS, REFERENCE_METRICS, Metric
+from bwl.study.vocabulary import METRICS, METRICS_BY_FAMILY, Metric
 from bwl.toy.assets import PROBE_PATH
 from bwl.toy.probes import Probe, load_probe
 from bwl.toy.world import HELD_OUT_STYLE, IDENTITY, IDENTITY_BACKGROUNDS, IDENTITY_TRIGGER, STYLE_TRIGGER, tag_attribute
@@ -91,9 +92,11 @@ def summarize(scores: Sequence[Scores]) -> dict[Metric, Estimate]:
 
 class Scorer(Protocol):
     """Scores images (and the prompts they were made with); ``base_images``, where given, are the base model's images
-    for the same prompts and seeds. ``families`` names the metric families it writes."""
+    for the same prompts and seeds. ``families`` names the metric families it writes; ``version`` identifies what it
+    reads with (instrument weights, encoders, measures), so that a cell scored by another version is scored again."""
 
     families: tuple[str, ...]
+    version: str
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
                  base_images: Sequence[Image.Image] | None = None) -> list[Scores]: ...
@@ -106,6 +109,7 @@ class ProbeScorer:
 
     def __init__(self, path=PROBE_PATH):
         self.probe = load_probe(path)
+        self.version = file_hash(path)
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
                  base_images: Sequence[Image.Image] | None = None) -> list[Scores]:
@@ -118,6 +122,7 @@ class Scorers:
     def __init__(self, parts: Sequence[Scorer]):
         self.parts = list(parts)
         self.families = tuple(f for part in self.parts for f in part.families)
+        self.versions = {f: part.version for part in self.parts for f in part.families}
         self.seconds = dict.fromkeys(self.families, 0.0)  # time spent scoring, per family (what each one costs)
 
     @property
@@ -147,8 +152,7 @@ METRIC_SUITES: dict[str, tuple[str, ...]] = {"probe": ("probe",), "reference": (
 """A profile's ``metrics``: the metric families it scores with."""
 
 
-def families_scored(scores: Sequence[Scores]) -> list[str]:
-    """The families a stored cell's scores hold (for cells written before cells recorded them)."""
-    keys = {k for s in scores for k in s}
-    return [family for family, metrics in (("probe", PROBE_METRICS), ("reference", REFERENCE_METRICS))
-            if keys & {m.value for m in metrics}]
+def without_families(scores: Sequence[Scores], families: Sequence[str]) -> list[Scores]:
+    """``scores`` less the metrics of ``families`` (before those families score the images again)."""
+    dropped = {m.value for family in families for m in METRICS_BY_FAMILY[family]}
+    return [{k: v for k, v in s.items() if k not in dropped} for s in scores]

@@ -96,10 +96,14 @@ class Profile:
     def figures(self) -> Path:
         return self.path(self.figures_dir)
 
+    def location(self, value: str) -> str | Path:
+        """A model the profile names: a local directory (relative to the repository unless absolute), else a hub id."""
+        return self.path(value) if self.path(value).exists() else value
+
     @property
     def model_location(self) -> str | Path:
         """The base model: a local directory (relative to the repository) or a hub id."""
-        return self.path(self.model) if (ROOT / self.model).exists() or self.build_tiny else self.model
+        return self.path(self.model) if self.build_tiny else self.location(self.model)
 
     def trigger(self, concept: str) -> str:
         return self.identity_trigger if concept == "identity" else self.style_trigger

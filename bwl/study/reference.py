@@ -2,9 +2,11 @@
 
 - **identity**: cosine similarity of an image's embedding to the *centroid* of the identity's training images'
   embeddings (each unit length; the centroid re-normalized), as DreamBooth's DINO/CLIP-I average over references;
-- **style**: cosine similarity between the image's Gram matrices of an encoder's patch features and the mean Gram
-  matrices of the style's training images, averaged over the chosen layers (LyCORIS' evaluation compares VGG-19 Gram
-  matrices; bwl reads the encoders transformers loads, with no torchvision);
+- **style**: cosine similarity between the Gram matrices of an image's *centered* patch features (their covariance
+  over tokens) and the style's training images' mean, averaged over the chosen layers. LyCORIS' evaluation compares
+  VGG-19 Gram matrices; bwl reads the encoders transformers loads, with no torchvision. A ViT's patch tokens share a
+  per-image component (position embeddings, the image's gist) that dominates an uncentered Gram matrix, so the token
+  mean is removed first: in the toy world this raised the rank correlation with the probe's style from 0.43 to 0.68;
 - **prompt**: CLIP text-image similarity to the prompt with each trigger replaced by plain words;
 - **preservation**: similarity of an image to the base model's image for the same prompt and seed;
 - **diversity**: the Vendi score of a set of images (Friedman & Dieng 2023): ``exp`` of the entropy of the
@@ -19,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from PIL import Image
 
+from bwl.core.hashing import config_hash
 from bwl.data.datasets import split_tags
 from bwl.sd.encoders import ImageEncoder
 from bwl.study.vocabulary import Metric
@@ -41,19 +44,23 @@ def centroid_similarity(embeddings: torch.Tensor, references: torch.Tensor) -> t
 
 
 def gram_matrices(features: torch.Tensor) -> torch.Tensor:
-    """Gram matrices ``FᵀF / T`` of patch features (batch, tokens T, channels C): (batch, C, C)."""
-    return features.double().transpose(1, 2) @ features.double() / features.shape[1]
+    """Gram matrices ``F̃ᵀF̃ / T`` of patch features (batch, tokens T, channels C), ``F̃`` each image's features less
+    their mean over tokens (the features' covariance): (batch, C, C)."""
+    centered = features.double() - features.double().mean(1, keepdim=True)
+    return centered.transpose(1, 2) @ centered / features.shape[1]
 
 
 def gram_similarity(image_layers: Sequence[torch.Tensor], reference_layers: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per image: the cosine similarity of its Gram matrices to the references' mean Gram matrix, averaged over
     layers. Each argument is one (batch, tokens, channels) tensor per layer."""
-    per_layer = []
-    for images, references in zip(image_layers, reference_layers, strict=True):
-        target = gram_matrices(references).mean(0).flatten()
-        grams = gram_matrices(images).flatten(1)
-        per_layer.append(torch.nn.functional.cosine_similarity(grams, target[None], dim=-1))
-    return torch.stack(per_layer).mean(0)
+    return mean_gram_similarity([gram_matrices(images) for images in image_layers],
+                                [gram_matrices(references).mean(0) for references in reference_layers])
+
+
+def mean_gram_similarity(grams: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per image: cosine similarity of its Gram matrix (batch, C, C) to the target (C, C), averaged over layers."""
+    return torch.stack([torch.nn.functional.cosine_similarity(g.flatten(1), t.flatten()[None], dim=-1)
+                        for g, t in zip(grams, targets, strict=True)]).mean(0)
 
 
 def plain_prompt(prompt: str, replacements: Mapping[str, str]) -> str:
@@ -81,6 +88,11 @@ def trigger_tags(prompt: str) -> set[str]:
     return {t.split()[0] for t in split_tags(prompt) if t.split()}
 
 
+MEASURES_VERSION = 2
+"""The reference measures' version, part of every scorer version: raise it when a measure changes (2: the style
+measure's Gram matrices are centered), so that stored cells are scored again."""
+
+
 class ReferenceScorer:
     """Scores generated images against the training images, the prompt and the base model's images (the reference
     family of :class:`~bwl.study.vocabulary.Metric`). Reference embeddings and Gram matrices are computed once."""
@@ -98,6 +110,9 @@ class ReferenceScorer:
         self.layers = style_layers(self.main)
         self.style_grams = [g.mean(0) for g in self._grams(style_images)]
         self._base: dict[bytes, torch.Tensor] = {}
+        references = hashlib.sha256(b"".join(im.tobytes() for im in [*identity_images, *style_images])).hexdigest()
+        self.version = config_hash({"clip": clip.identity, "dino": dino.identity if dino else None,
+                                    "words": self.triggers, "references": references, "measures": MEASURES_VERSION})
 
     def _grams(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """Per style layer, the images' Gram matrices (one pass of the tower per batch for all layers)."""
@@ -107,9 +122,7 @@ class ReferenceScorer:
 
     def style(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Per image: Gram similarity to the style's training images, averaged over :func:`style_layers`."""
-        per_layer = [torch.nn.functional.cosine_similarity(grams.flatten(1), target.flatten()[None], dim=-1)
-                     for grams, target in zip(self._grams(images), self.style_grams)]
-        return torch.stack(per_layer).mean(0)
+        return mean_gram_similarity(self._grams(images), self.style_grams)
 
     def _base_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The base images' embeddings, computed once per set (every cell of a grid shares the base cell's)."""

@@ -124,7 +124,8 @@ class Study:
             if "reference" in families:
                 words = {p.identity_trigger: p.identity_words or p.class_word or "a person",
                          p.style_trigger: p.style_words}
-                parts.append(ReferenceScorer(load_clip(p.clip_model), load_dino(p.dino_model) if p.dino_model else None,
+                parts.append(ReferenceScorer(load_clip(p.location(p.clip_model)),
+                                             load_dino(p.location(p.dino_model)) if p.dino_model else None,
                                              self.concept_images(Concept.IDENTITY), self.concept_images(Concept.STYLE),
                                              words))
             self._scorer = Scorers(parts)

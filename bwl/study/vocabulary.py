@@ -48,6 +48,8 @@ METRICS: tuple[Metric, ...] = tuple(Metric)
 PROBE_METRICS: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE, Metric.PROMPT, Metric.PRESERVATION)
 REFERENCE_METRICS: tuple[Metric, ...] = (Metric.REF_IDENTITY, Metric.REF_IDENTITY_CLIP, Metric.REF_STYLE,
                                          Metric.REF_PROMPT, Metric.REF_PRESERVATION, Metric.DIVERSITY)
+METRICS_BY_FAMILY: dict[str, tuple[Metric, ...]] = {"probe": PROBE_METRICS, "reference": REFERENCE_METRICS}
+"""The metrics each family of scorers writes."""
 FIDELITY_BY_FAMILY: dict[str, tuple[Metric, Metric]] = {
     "probe": (Metric.IDENTITY, Metric.STYLE),
     "reference": (Metric.REF_IDENTITY, Metric.REF_STYLE),
