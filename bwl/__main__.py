@@ -1,5 +1,5 @@
-"""Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, methods, findings,
-validate-reference, gates, pretrain, probe, toy-clip, demo.
+"""Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, methods, lengths,
+findings, validate-reference, gates, pretrain, probe, toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, or a failed notebook) is one line
 on stderr, ``bwl: error: <message>``, and exit status 2; ``--debug`` shows its traceback. Unexpected exceptions still
@@ -25,6 +25,7 @@ from bwl.study.demo import run_demo
 from bwl.study.figures import block_sweep
 from bwl.study.findings import findings_report
 from bwl.study.gates import gates as measure_gates
+from bwl.study.lengths import run_lengths
 from bwl.study.methods import run_methods
 from bwl.study.profile import load_profile
 from bwl.study.runner import StudyFailed, run_study
@@ -78,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
     methods.add_argument("--profile", default="methods")
     methods.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    lengths = commands.add_parser(
+        "lengths", help="training-length study: full and upper-trained style at several lengths and seeds"
+    )
+    lengths.add_argument("--profile", default="lengths")
+    lengths.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     validate = commands.add_parser(
         "validate-reference", help="rank correlation of each reference metric with its probe counterpart, all cells"
     )
@@ -130,6 +137,8 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         if not study.concept_dir(Concept.STYLE).is_dir():
             study.prepare_data()
         print(run_methods(study))
+    elif args.command == "lengths":
+        print(run_lengths(load_profile(args.profile, _overrides(cli, args.overrides))))
     elif args.command == "validate-reference":
         profile = load_profile(args.profile)
         print(write_validation(Study(profile).cells, profile.figures / "reference-validation.md",

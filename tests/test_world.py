@@ -3,6 +3,10 @@ import numpy as np
 from bwl.toy.world import (
     HELD_OUT_SHAPE,
     HELD_OUT_STYLE,
+    REPLICATE_SHAPES,
+    REPLICATE_STYLES,
+    Character,
+    any_batch,
     identity_set,
     pretraining_batch,
     render,
@@ -24,6 +28,29 @@ def test_held_out_concepts_never_appear_in_pretraining():
     assert not any(HELD_OUT_SHAPE in cap.split(", ") or HELD_OUT_STYLE in cap.split(", ") for cap in captions)
     assert all(c.shape == HELD_OUT_SHAPE for c, _ in identity_set())
     assert all(c.style == HELD_OUT_STYLE for c, _ in style_set())
+
+
+def test_replicate_concepts_render_deterministically_and_are_never_drawn():
+    """Star and heart heads, dots and hatching: distinct, deterministic renders; no sampler draws them (pretraining,
+    nor the shipped VAE's and probe's training batches)."""
+    looks = {}
+    for shape in REPLICATE_SHAPES:
+        looks[shape] = np.asarray(render(Character(shape, "green", "none", "round", "flat", "sky"), 4))
+    for texture in REPLICATE_STYLES:
+        looks[texture] = np.asarray(render(Character("circle", "green", "none", "round", texture, "sky"), 4))
+    looks["circle"] = np.asarray(render(Character("circle", "green", "none", "round", "flat", "sky"), 4))
+    for name, image in looks.items():
+        assert np.array_equal(image, np.asarray(render(Character(
+            name if name in REPLICATE_SHAPES or name == "circle" else "circle", "green", "none", "round",
+            name if name in REPLICATE_STYLES else "flat", "sky"), 4)))
+    names = list(looks)
+    assert all(np.abs(looks[a].astype(int) - looks[b]).mean() > 3 for a in names for b in names if a < b)
+    new = set(REPLICATE_SHAPES) | set(REPLICATE_STYLES)
+    _, captions, characters = pretraining_batch(np.random.default_rng(1), 3000)
+    assert not any({c.shape, c.style} & new for c in characters)
+    assert not any(set(cap.split(", ")) & new for cap in captions)
+    _, characters = any_batch(np.random.default_rng(2), 3000)
+    assert not any({c.shape, c.style} & new for c in characters)
 
 
 def test_probe_reads_fresh_renders_at_97_percent():
@@ -50,3 +77,41 @@ def test_shipped_model_loads_through_from_pretrained_and_draws_what_the_probe_re
     for attribute in ("background", "color"):
         correct = sum(r[attribute] == getattr(c, attribute) for r, c in zip(readings, characters))
         assert correct >= 3, (attribute, readings, [c.caption() for c in characters])
+
+
+def test_texture_statistic_tracks_known_partial_coverage():
+    """Each texture painted on random 8 px blocks of the head (coverage known from the mask): 0 with none, about 1
+    with all, and rising with coverage; a flat head reads as no texture, and textures are told apart."""
+    from PIL import Image
+
+    from bwl.toy.texture import head_region, texture_energy, texture_fit
+    from bwl.toy.world import TEXTURES
+
+    heads = [("circle", "red", "sky"), ("square", "blue", "pink"), ("plus", "orange", "mint"),
+             ("heart", "green", "sky"), ("diamond", "yellow", "mint")]
+    for texture in TEXTURES:
+        by_level = {}
+        for level in (0.0, 0.25, 0.5, 0.75, 1.0):
+            readings = []
+            for i, (shape, color, background) in enumerate(heads):
+                flat = np.asarray(render(Character(shape, color, "none", "round", "flat", background), i))
+                full = np.asarray(render(Character(shape, color, "none", "round", texture, background), i))
+                region = head_region(Image.fromarray(full))
+                for draw in range(2):
+                    blocks = np.random.default_rng([i, draw, int(level * 4)]).random((4, 4)) < level
+                    mask = np.kron(blocks, np.ones((8, 8), dtype=bool))
+                    mixed = np.where(mask[..., None], full, flat)
+                    coverage = (region & mask).sum() / region.sum()
+                    readings.append((coverage, texture_energy(Image.fromarray(mixed), texture)))
+            by_level[level] = np.array(readings)
+        means = [by_level[level][:, 1].mean() for level in sorted(by_level)]
+        assert means[0] == 0 and all(a < b for a, b in zip(means, means[1:])), (texture, means)
+        error = np.mean([np.abs(r[:, 0] - r[:, 1]).mean() for r in by_level.values()])
+        assert means[-1] >= (0.95 if texture != "hatch" else 0.6), (texture, means)
+        assert error <= (0.15 if texture != "hatch" else 0.25), (texture, error)  # hatch: blended diagonal edges
+    for i, (shape, color, background) in enumerate(heads):
+        flat = texture_fit(render(Character(shape, color, "none", "round", "flat", background), i))
+        assert max(flat.values()) <= 0.15, (shape, flat)
+        for texture in TEXTURES:
+            fit = texture_fit(render(Character(shape, color, "none", "round", texture, background), i))
+            assert max(fit, key=fit.get) == texture, (shape, texture, fit)

@@ -48,6 +48,9 @@ class Profile:
     reg_count: int = 0
     reg_prompt: str = ""
     train: dict = field(default_factory=dict)
+    train_seeds: list[int] = field(default_factory=lambda: [0])  # a study's adapters train with the first; the
+    # training-length and replicate studies repeat theirs with each (the seed is part of every adapter's key)
+    train_lengths: list[int] = field(default_factory=list)  # the training-length study's step counts
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     sample_steps: int = 25
@@ -74,6 +77,9 @@ class Profile:
             ("resolution", self.resolution >= 8 and self.resolution % 8 == 0, "a positive multiple of 8"),
             ("seeds", len(self.seeds) >= 1, "a non-empty list of integers"),
             ("sweep_seeds", len(self.sweep_seeds) >= 1, "a non-empty list of integers"),
+            ("train_seeds", len(self.train_seeds) >= 1 and len(set(self.train_seeds)) == len(self.train_seeds),
+             "a non-empty list of distinct integers"),
+            ("train_lengths", all(n >= 1 for n in self.train_lengths), "a list of step counts >= 1"),
             ("sample_steps", self.sample_steps >= 1, "an integer >= 1"),
             ("guidance_scale", self.guidance_scale >= 0, ">= 0"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),

@@ -6,6 +6,7 @@ by their model, adapters, prompts and seeds (:mod:`bwl.study.cells`).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from PIL import Image
@@ -37,13 +38,18 @@ from bwl.train.config import TrainConfig
 class Study:
     """One profile's study: data -> adapters -> grid images -> metrics -> figures, each stage reusing what exists."""
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, train_seed: int | None = None, steps: dict[Concept, int] | None = None,
+                 scorer: Scorers | None = None):
+        """``train_seed``: the adapters' training seed (default: the profile's first); ``steps``: training steps per
+        concept where they differ from the profile's; ``scorer``: one to share with other studies of the profile."""
         self.profile = profile
+        self.train_seed = profile.train_seeds[0] if train_seed is None else train_seed
+        self.steps = dict(steps or {})
         self.out = profile.out
         self.model = profile.model_location
         self.cells = CellStore(self.out / "cells")
         self._fingerprints: dict[Path, str] = {}
-        self._scorer: Scorers | None = None
+        self._scorer: Scorers | None = scorer
 
     def _fingerprint(self, folder: Path) -> str:
         if folder not in self._fingerprints:
@@ -103,11 +109,19 @@ class Study:
     def needed_adapters(self) -> list[AdapterKey]:
         return adapters_of(self.grids())
 
+    def seeded(self, key: AdapterKey) -> AdapterKey:
+        """The grids' adapter key (seed 0: "the run's seed") with this study's training seed."""
+        return dataclasses.replace(key, seed=self.train_seed) if key.seed == 0 else key
+
     def train_config(self, key: AdapterKey) -> TrainConfig:
-        """The resolved ``TrainConfig`` of one adapter, its ``output_dir`` keyed by everything that can change it."""
+        """The resolved ``TrainConfig`` of one adapter, its ``output_dir`` keyed by everything that can change it
+        (the training seed included: :meth:`seeded`)."""
+        key = self.seeded(key)
         instance_dir = self.concept_dir(key.concept)
         reg_dir = self.reg_dir if key.concept is Concept.IDENTITY else None
         config = runs.train_config(self.profile, key, instance_dir, reg_dir)
+        if key.concept in self.steps:
+            config = dataclasses.replace(config, steps=self.steps[key.concept])
         contents = {"model": self.model_fingerprint, "instance_dir": self._fingerprint(instance_dir)}
         if config.reg_dir is not None:
             contents["reg_dir"] = self._fingerprint(Path(config.reg_dir))
@@ -144,7 +158,7 @@ class Study:
         """Train every adapter the grids need (or ``keys``); ones whose config and data are unchanged are reused."""
         keys = self.needed_adapters() if keys is None else keys
         configs = {key: self.train_config(key) for key in keys}
-        todo = {key: config for key, config in configs.items()
+        todo = {str(self.seeded(key)): config for key, config in configs.items()
                 if not (Path(config.output_dir) / "adapter.safetensors").exists()}
         log(f"adapters: {len(keys) - len(todo)} of {len(keys)} reused (same config and data), {len(todo)} to train")
         train_adapters(todo, self.profile.train_workers, log)

@@ -76,8 +76,9 @@ def cell_means(store: CellStore) -> list[dict]:
     folders = sorted(p for p in store.root.iterdir() if (p / "scores.json").exists()) if store.root.is_dir() else []
     for folder in folders:
         scores = json.loads((folder / "scores.json").read_text())
-        label = json.loads((folder / "cell.json").read_text()).get("cell", folder.name)
-        row: dict = {"cell": label, "key": folder.name}
+        description = json.loads((folder / "cell.json").read_text())
+        adapters = " + ".join(description.get("adapters", {})) or "no adapter"
+        row: dict = {"cell": f"{description.get('cell', folder.name)} [{adapters}]", "key": folder.name}
         for metric in Metric:
             values = [s[metric.value] for s in scores if metric.value in s]
             if values:
@@ -87,10 +88,18 @@ def cell_means(store: CellStore) -> list[dict]:
     return rows
 
 
+def same_values(rows: list[dict], a: Metric, b: Metric) -> bool:
+    """Whether two metrics hold the same value in every row that has either (one encoder read both)."""
+    return all(r.get(a) == r.get(b) for r in rows if a in r or b in r)
+
+
 def agreements(rows: list[dict], worst: int = 5) -> list[Agreement]:
-    """Spearman's rho (with its bootstrap CI) of each reference metric against its probe counterpart."""
+    """Spearman's rho (with its bootstrap CI) of each reference metric against its probe counterpart; CLIP-I is left
+    out where it equals ``ref_identity`` in every cell (no DINOv2: both read CLIP)."""
     found = []
     for reference, probe in PAIRS:
+        if reference is Metric.REF_IDENTITY_CLIP and same_values(rows, reference, Metric.REF_IDENTITY):
+            continue
         both = [r for r in rows if reference in r and probe in r]
         if len(both) < 3:
             continue

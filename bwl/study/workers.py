@@ -16,7 +16,6 @@ import torch
 
 from bwl.sd.pipeline import load_pipeline
 from bwl.study.console import log, progress
-from bwl.study.vocabulary import AdapterKey
 from bwl.train.config import TrainConfig
 from bwl.train.loop import train
 from bwl.train.losses import read_losses
@@ -38,14 +37,15 @@ def _start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _summary(key: AdapterKey, config: TrainConfig) -> str:
+def _summary(label: str, config: TrainConfig) -> str:
     losses = read_losses(Path(config.output_dir) / "loss.csv")
     final = f", final loss {losses[-1][1]:.4f}" if losses else ""
-    return f"{key}: trained {config.method} on {config.blocks} for {config.steps} steps{final}"
+    return f"{label}: trained {config.method} on {config.blocks} for {config.steps} steps{final}"
 
 
-def train_adapters(configs: Mapping[AdapterKey, TrainConfig], workers: int = 1, log: Log = log) -> None:
-    """Train these adapters: one after another, or ``workers`` at a time in spawned processes on CPU.
+def train_adapters(configs: Mapping[str, TrainConfig], workers: int = 1, log: Log = log) -> None:
+    """Train these adapters (by the label logs give them): one after another, or ``workers`` at a time in spawned
+    processes on CPU.
 
     Small models use two CPU threads poorly, so two one-thread processes train about 1.6x as many steps a second
     as one two-thread process (toy profile). A worker's exception is raised here, once, after the others are
@@ -54,16 +54,16 @@ def train_adapters(configs: Mapping[AdapterKey, TrainConfig], workers: int = 1, 
     total = len(configs)
     with progress(total, "training adapters") as bar:
         if workers <= 1 or total <= 1 or torch.cuda.is_available():
-            for i, (key, config) in enumerate(configs.items(), 1):
+            for i, (label, config) in enumerate(configs.items(), 1):
                 started = time.time()
                 train_one(config)
-                log(f"[{i}/{total}] {_summary(key, config)} in {time.time() - started:.0f} s")
+                log(f"[{i}/{total}] {_summary(label, config)} in {time.time() - started:.0f} s")
                 bar.update()
         else:
             _train_in_workers(configs, workers, log, bar)
 
 
-def _train_in_workers(configs: Mapping[AdapterKey, TrainConfig], workers: int, log: Log, bar) -> None:
+def _train_in_workers(configs: Mapping[str, TrainConfig], workers: int, log: Log, bar) -> None:
     total = len(configs)
     threads = max(1, torch.get_num_threads() // workers)
     log(f"training {total} adapters, {workers} at a time ({threads} thread(s) each)")

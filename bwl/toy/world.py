@@ -7,6 +7,11 @@ Held out from pretraining (the U-Net and text encoder never see them; the VAE an
 
 - the identity ``zkc``: a plus-shaped head (a shape never seen), orange, with a cap and round eyes;
 - the style ``qrv``: a 4 px checker rendering (a texture never seen).
+
+For replication there are more held-out concepts (:data:`REPLICATE_SHAPES`, :data:`REPLICATE_STYLES`): star and
+heart heads, and white dots or diagonal hatching on the same 4 px grid. No sampler of pretraining draws them, and
+neither does the shipped VAE's or probe's training (:data:`ATTRIBUTES` is what the shipped probe reads);
+:mod:`bwl.toy.texture` measures every texture without training.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ HATS = ("none", "cap", "tophat")
 EYES = ("round", "sleepy")
 STYLES = ("flat", "outline", "stripes")
 HELD_OUT_STYLE = "checker"
+REPLICATE_SHAPES = ("star", "heart")  # held out too, for replicated findings; not yet read by the shipped probe
+REPLICATE_STYLES = ("dots", "hatch")
+TEXTURES = ("stripes", HELD_OUT_STYLE, *REPLICATE_STYLES)  # the styles that paint white cells on the 4 px grid
 BACKGROUNDS = {
     "white": (245, 245, 245), "gray": (150, 150, 150), "pink": (250, 185, 205),
     "sky": (165, 205, 250), "mint": (175, 238, 195),
@@ -124,8 +132,18 @@ def _head_mask(shape: str, cx: float, cy: float, r: float, size: int) -> Image.I
         a = r * 0.42
         draw.rectangle((cx - a, cy - r, cx + a, cy + r), fill=255)
         draw.rectangle((cx - r, cy - a, cx + r, cy + a), fill=255)
+    elif shape == "star":  # five points; the inner radius keeps the arms >= 4 px wide at 32 px
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r * 1.2, r * 0.55)
+        draw.polygon([(cx + q * np.cos(a), cy - q * np.sin(a)) for q, a in zip(radii, angles)], fill=255)
+    elif shape == "heart":  # two lobes over a point
+        lobe = r * 0.55
+        for side in (-1, 1):
+            draw.ellipse((cx + side * lobe - lobe, cy - r * 0.75 - lobe * 0.2, cx + side * lobe + lobe,
+                          cy - r * 0.75 + lobe * 1.8), fill=255)
+        draw.polygon([(cx - r * 1.08, cy - r * 0.25), (cx + r * 1.08, cy - r * 0.25), (cx, cy + r * 1.15)], fill=255)
     else:
-        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(ATTRIBUTES['shape'])}")
+        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(ATTRIBUTES['shape'] + REPLICATE_SHAPES)}")
     return mask
 
 
@@ -142,11 +160,15 @@ def _texture(
         paint[(y // cell) % 2 == 1] = white
     elif style == "checker":
         paint[((x // cell) + (y // cell)) % 2 == 1] = white
+    elif style == "dots":  # one white cell in four
+        paint[((x // cell) % 2 == 1) & ((y // cell) % 2 == 1)] = white
+    elif style == "hatch":  # white diagonal bands, 8 px period along each axis
+        paint[((x + y) // cell) % 2 == 1] = white
     elif style == "outline":
         inner = mask.filter(ImageFilter.MinFilter(2 * 3 * _SCALE + 1))
         paint[np.asarray(inner) > 127] = background
     elif style != "flat":
-        raise ValueError(f"unknown style {style!r}; valid: {', '.join(ATTRIBUTES['style'])}")
+        raise ValueError(f"unknown style {style!r}; valid: {', '.join(ATTRIBUTES['style'] + REPLICATE_STYLES)}")
     return Image.fromarray(paint)
 
 

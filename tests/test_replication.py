@@ -1,0 +1,111 @@
+"""The replicated design's statistics on small tables with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bwl.study.statistics import bootstrap_means, hierarchical_bootstrap, holm, pooled_mean
+
+
+def test_pooled_mean_weighs_each_pair_and_seed_equally():
+    table = {"a": {0: [1.0, 1.0, 1.0, 1.0], 1: [3.0]}, "b": {0: [10.0]}}
+    assert pooled_mean(table) == pytest.approx(((1 + 3) / 2 + 10) / 2)
+
+
+def test_a_constant_effect_has_a_zero_width_interval():
+    table = {pair: {seed: [0.25] * 4 for seed in range(3)} for pair in "abc"}
+    effect = hierarchical_bootstrap(table, resamples=200)
+    assert (effect.mean, effect.low, effect.high) == pytest.approx((0.25, 0.25, 0.25))
+    assert effect.p == 0 and effect.excludes_zero()
+    assert (effect.pairs, effect.seeds, effect.images) == (3, 9, 36)
+
+
+def test_between_pair_spread_sets_the_interval():
+    """Pairs at 0, 1 and 2, identical within: the pooled mean of 3 pairs drawn with replacement has variance
+    var({0, 1, 2}) / 3 = (2/3) / 3, whatever the many images say."""
+    table = {str(v): {s: [float(v)] * 50 for s in range(3)} for v in (0, 1, 2)}
+    draws = bootstrap_means(table, resamples=4000, seed=1)
+    assert draws.mean() == pytest.approx(1.0, abs=0.03)
+    assert draws.std() == pytest.approx(math.sqrt(2 / 9), rel=0.06)
+    # Sums of three draws from {0, 1, 2} fall on 0..6 with counts 1, 3, 6, 7, 6, 3, 1 (of 27): P(mean = 0) = 1/27 >
+    # 2.5 %, so the percentile interval runs from 0 to 2 and does not exclude zero.
+    effect = hierarchical_bootstrap(table, resamples=4000, seed=1)
+    assert (effect.low, effect.high) == pytest.approx((0.0, 2.0)) and not effect.excludes_zero()
+    naive = np.concatenate([images for seeds in table.values() for images in seeds.values()])
+    assert 1.96 * naive.std(ddof=1) / math.sqrt(len(naive)) < (effect.high - effect.low) / 4  # images alone: too narrow
+
+
+def test_seeds_are_resampled_within_pairs():
+    """One pair whose two seeds disagree (0 and 1, no image noise): the pooled mean is the mean of two seeds drawn
+    with replacement, 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4."""
+    draws = bootstrap_means({"a": {0: [0.0] * 5, 1: [1.0] * 5}}, resamples=4000, seed=2)
+    values, counts = np.unique(draws, return_counts=True)
+    assert values.tolist() == [0.0, 0.5, 1.0]
+    assert (counts / counts.sum()).tolist() == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+
+
+def test_an_empty_cell_of_the_design_is_named():
+    with pytest.raises(ValueError, match="'b'"):
+        hierarchical_bootstrap({"a": {0: [1.0]}, "b": {0: []}})
+
+
+def test_holm_on_known_p_values():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([0.01]) == pytest.approx([0.01])  # one test: unchanged
+    assert holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])  # ties
+
+
+def _smoke(tmp_path, **overrides):
+    from bwl.study import load_profile
+
+    values = {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures"), "metrics": "none",
+              "grids": ["fig4b"], "seeds": [0], **overrides}
+    return load_profile("smoke", values)
+
+
+def test_the_training_seed_is_part_of_the_adapter_key(tmp_path):
+    """Two seeds: two runs, each recording its seed; the same seed again: the same run, reused."""
+    from bwl.study import Study
+    from bwl.study.vocabulary import style
+
+    profile = _smoke(tmp_path, train_seeds=[0, 1])
+    key = style("lora", "upper")
+    first, second = Study(profile), Study(profile, train_seed=1)
+    first.prepare_data()
+    assert first.train_seed == 0 and first.train_config(key).seed == 0 and second.train_config(key).seed == 1
+    assert first.train_config(key).output_dir != second.train_config(key).output_dir
+    assert "_s1-" in second.train_config(key).output_dir  # the folder names the seed
+    trained = second.train_all([key])
+    stamp = trained[key].stat().st_mtime_ns
+    again = Study(profile, train_seed=1).train_all([key])
+    assert again[key] == trained[key] and again[key].stat().st_mtime_ns == stamp  # reused, not retrained
+    with pytest.raises(Exception, match="train_seeds"):
+        _smoke(tmp_path, train_seeds=[1, 1])
+
+
+def test_the_training_length_study_trains_each_adapter_once_and_pools_over_seeds(tmp_path):
+    import csv
+
+    from bwl.study.lengths import run_lengths
+
+    profile = _smoke(tmp_path, metrics="probe", methods=["lora"], train_lengths=[2, 4], train_seeds=[0, 1],
+                     prompts=["zkc, qrv, sky background"], seeds=[0, 1])
+    lines = []
+    out = run_lengths(profile, lines.append)
+    # per seed: the identity once (shared by both lengths), the style on all and on upper at each length
+    assert any("adapters: 10 to train" in line for line in lines), lines
+    assert len(list((tmp_path / "runs" / "adapters").glob("*/adapter.safetensors"))) == 10
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["steps"], r["seed"], r["cell"]) for r in rows) == sorted(
+        (str(n), str(s), c) for n in (2, 4) for s in (0, 1)
+        for c in ("full ID + full style", "full ID + upper-trained style"))
+    assert all(int(r["style_n"]) == 2 for r in rows)  # both images carry the style trigger
+    table = (out.parent / "lengths.md").read_text()
+    assert table.count("| lora |") == 2 and (out.parent / "lengths.png").stat().st_size > 10_000
+    lines.clear()
+    run_lengths(profile, lines.append)
+    assert any("adapters: 0 to train" in line for line in lines)
