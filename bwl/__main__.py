@@ -1,5 +1,5 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, methods, lengths,
-findings, validate-reference, gates, pretrain, probe, toy-clip, demo.
+findings, eye-check, validate-reference, gates, pretrain, probe, toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, or a failed notebook) is one line
 on stderr, ``bwl: error: <message>``, and exit status 2; ``--debug`` shows its traceback. Unexpected exceptions still
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from bwl.adapters.blocks import BlockSpecError
 from bwl.adapters.files import AdapterFileError
@@ -22,6 +23,8 @@ from bwl.data.datasets import DatasetError
 from bwl.data.tagging import TaggerError
 from bwl.sd.pipeline import load_pipeline
 from bwl.study.demo import run_demo
+from bwl.study.eyecheck import evaluate as evaluate_eye_check
+from bwl.study.eyecheck import write_sample
 from bwl.study.figures import block_sweep
 from bwl.study.findings import findings_report
 from bwl.study.gates import gates as measure_gates
@@ -85,6 +88,13 @@ def parser() -> argparse.ArgumentParser:
     lengths.add_argument("--profile", default="lengths")
     lengths.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    eye = commands.add_parser(
+        "eye-check", help="each style instrument's accuracy on the eye-labelled sheet (figures/eye-check)"
+    )
+    eye.add_argument("--sample", action="store_true",
+                     help="draw a new sheet from the toy study's cells (its labels then need filling in by eye)")
+    eye.add_argument("--out", default="figures/eye-check")
+
     validate = commands.add_parser(
         "validate-reference", help="rank correlation of each reference metric with its probe counterpart, all cells"
     )
@@ -139,6 +149,12 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         print(run_methods(study))
     elif args.command == "lengths":
         print(run_lengths(load_profile(args.profile, _overrides(cli, args.overrides))))
+    elif args.command == "eye-check":
+        out = Path(args.out)
+        if args.sample:
+            print(write_sample(Study(load_profile("toy")).cells, out))
+        else:
+            print(evaluate_eye_check(out))
     elif args.command == "validate-reference":
         profile = load_profile(args.profile)
         print(write_validation(Study(profile).cells, profile.figures / "reference-validation.md",

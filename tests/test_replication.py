@@ -109,3 +109,48 @@ def test_the_training_length_study_trains_each_adapter_once_and_pools_over_seeds
     lines.clear()
     run_lengths(profile, lines.append)
     assert any("adapters: 0 to train" in line for line in lines)
+
+
+def test_instrument_accuracy_by_hand():
+    from bwl.study.eyecheck import accuracy
+
+    result = accuracy(["checker", "checker", "none", "none"], [0.9, 0.1, 0.2, 0.7], threshold=0.5)
+    assert result == {"accuracy": 0.5, "sensitivity": 0.5, "specificity": 0.5}
+
+
+def test_the_eye_checked_sheet_is_complete_and_both_instruments_are_scored_on_it():
+    """The committed sheet: at least 100 images, every one labelled, and each instrument's accuracy against the eye
+    as the README reports it (a change to an instrument that loses accuracy shows here)."""
+    from pathlib import Path
+
+    from bwl.study.eyecheck import PROBE_THRESHOLD, TEXTURE_THRESHOLD, accuracy, load_sheet, readings
+
+    sheet = Path(__file__).resolve().parents[1] / "figures" / "eye-check"
+    images, rows = load_sheet(sheet)
+    labels = [r["label"] for r in rows]
+    assert len(images) >= 100 and min(labels.count("checker"), labels.count("none")) >= 30
+    found = readings(images)
+    assert accuracy(labels, found["probe"], PROBE_THRESHOLD)["accuracy"] >= 0.85
+    assert accuracy(labels, found["texture"], TEXTURE_THRESHOLD)["accuracy"] >= 0.75
+
+
+def test_a_sheet_is_drawn_from_partial_cells_only(tmp_path):
+    from PIL import Image
+
+    from bwl.study.cells import CellStore
+    from bwl.study.eyecheck import load_sheet, write_sample
+
+    store = CellStore(tmp_path / "cells")
+    image = Image.new("RGB", (32, 32), (200, 100, 50))
+    for key, style_level in (("partial", 0.5), ("full", 1.0), ("absent", 0.0)):
+        description = {"cell": key, "adapters": {}, "prompts": ["zkc, qrv, sky background", "circle"],
+                       "seeds": [0, 1, 2]}
+        scores = [{"style": style_level}] * 3 + [{}] * 3
+        store.save(key, [image] * 6, description, scores)
+    labels = write_sample(store, tmp_path / "sheet", per_cell=2)
+    text = labels.read_text().splitlines()
+    assert len(text) == 3 and all(",partial," in line for line in text[1:])  # two images, from the partial cell
+    assert all(int(line.split(",")[2]) < 3 for line in text[1:])  # with the style trigger
+    assert (tmp_path / "sheet" / "sheet-1.png").exists()
+    with pytest.raises(Exception, match="without a label"):
+        load_sheet(tmp_path / "sheet")

@@ -111,9 +111,10 @@ def texture_fit(image: Image.Image, textures: Sequence[str] = TEXTURES) -> dict[
     return {t: float(min(c, 1.0)) for t, c in zip(textures, coefficients)}
 
 
-def texture_energy(image: Image.Image, texture: str) -> float:
-    """One texture's statistic (:func:`texture_fit`)."""
-    return texture_fit(image)[texture]
+def texture_energy(image: Image.Image, texture: str, among: Sequence[str] = TEXTURES) -> float:
+    """One texture's statistic (:func:`texture_fit`), fitted jointly with the textures ``among`` (those the images'
+    model could draw: a texture it never learnt must not take credit for another's cells)."""
+    return texture_fit(image, tuple(dict.fromkeys([*among, texture])))[texture]
 
 
 def texture_energies(images: Sequence[Image.Image], texture: str) -> list[float]:
