@@ -154,3 +154,29 @@ def test_a_sheet_is_drawn_from_partial_cells_only(tmp_path):
     assert (tmp_path / "sheet" / "sheet-1.png").exists()
     with pytest.raises(Exception, match="without a label"):
         load_sheet(tmp_path / "sheet")
+
+
+def test_a_verdict_is_robust_only_under_every_toy_instrument():
+    from bwl.study.findings import CLAIMS, findings_by_family, robustness
+    from bwl.study.metrics import Estimate
+    from bwl.study.results import CellResult
+    from bwl.study.vocabulary import METRICS, Metric
+
+    assert robustness({"probe": "beats", "texture": "beats", "reference": "tie"}) == "robust"
+    assert robustness({"probe": "beats", "texture": "tie"}) == "instrument-dependent"
+    assert robustness({"probe": "beats"}) == ""  # one instrument cannot be robust or not
+
+    def result(grid, cell, style, texture):
+        values = {Metric.IDENTITY: 0.5, Metric.STYLE: style, Metric.STYLE_TEXTURE: texture}
+        return CellResult(grid, cell, "k", {m: Estimate(values.get(m, 0.5), 0.01, 40) if m in values
+                                            else Estimate(float("nan"), float("nan"), 0) for m in METRICS})
+
+    compared = {(grid, cell) for claim in CLAIMS for grid, *cells in claim.pairs for cell in cells}
+    rows = [result(grid, cell, 0.5, 0.5) for grid, cell in sorted(compared)]
+    c2 = CLAIMS[1].pairs[0]  # the probe sees C2's first comparison won on style; the texture statistic sees a tie
+    rows = [result(r.grid, r.cell, 0.9 if (r.grid, r.cell) == c2[:2] else 0.5, 0.5) for r in rows]
+    text = findings_by_family(rows)
+    line = next(row for row in text.splitlines() if f"{c2[0]}: {c2[1]} vs {c2[2]}" in row)
+    assert line.split("|")[3:6] == [" beats ", " tie ", " instrument-dependent "], line
+    c1 = next(row for row in text.splitlines() if row.startswith("| **C1**"))
+    assert "**robust**" in c1  # ties under both instruments

@@ -26,10 +26,9 @@ from bwl.study.cells import CellStore
 from bwl.toy.assets import PROBE_PATH
 from bwl.toy.probes import load_probe
 from bwl.toy.texture import texture_energy
-from bwl.toy.world import HELD_OUT_STYLE, STYLE_TRIGGER
+from bwl.toy.world import DRAWN_TEXTURES, HELD_OUT_STYLE, STYLE_TRIGGER
 
 TEXTURE_THRESHOLD = 0.25  # a quarter of the head, fixed before the sheet was labelled
-DRAWN_TEXTURES = ("stripes", HELD_OUT_STYLE)  # what the toy study's model can draw: the seen texture and the style
 PROBE_THRESHOLD = 0.5
 LABELS = ("checker", "none")
 RULE = ("checker: inside the head, at least two white cells about 4 px across that touch only at their corners, "

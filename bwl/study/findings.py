@@ -19,6 +19,7 @@ from bwl.study.vocabulary import (
     FULL_ID_MIDDLE_STYLE,
     FULL_ID_UPPER_STYLE,
     FULL_ID_UPPER_TRAINED_STYLE,
+    TOY_INSTRUMENTS,
     UPPER_ID_FULL_STYLE,
     UPPER_ID_UPPER_STYLE,
     Metric,
@@ -124,12 +125,45 @@ def decidable(results: list[CellResult], claims: tuple[Claim, ...] = CLAIMS,
         return False
 
 
+def robustness(verdicts: dict[str, str]) -> str:
+    """"robust" when every toy instrument gives the same verdict, else "instrument-dependent" ("" with fewer than
+    all the toy instruments)."""
+    toy = [verdicts[name] for name in TOY_INSTRUMENTS if name in verdicts]
+    if len(toy) < len(TOY_INSTRUMENTS):
+        return ""
+    return "robust" if len(set(toy)) == 1 else "instrument-dependent"
+
+
+def robustness_markdown(results: list[CellResult], families: list[tuple[str, tuple[Metric, Metric]]],
+                        claims: tuple[Claim, ...] = CLAIMS) -> str:
+    """Every claim and comparison with its verdict under each family, and whether it is robust (the same under every
+    toy instrument: the probe's style and the texture statistic) or instrument-dependent."""
+    names = [name for name, _ in families]
+    lines = ["| claim | comparison | " + " | ".join(names) + " | toy instruments |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for claim in claims:
+        per_family = {name: [compare(results, *pair, fidelity=fidelity) for pair in claim.pairs]
+                      for name, fidelity in families}
+        overall = {name: claim_verdict(found) for name, found in per_family.items()}
+        lines.append(f"| **{claim.name}** | (claim) | " + " | ".join(f"**{overall[n]}**" for n in names)
+                     + f" | **{robustness(overall)}** |")
+        for i, (grid, cell, other) in enumerate(claim.pairs):
+            verdicts = {name: per_family[name][i].verdict for name in names}
+            lines.append(f"| {claim.name} | {grid}: {cell} vs {other} | " + " | ".join(verdicts[n] for n in names)
+                         + f" | {robustness(verdicts)} |")
+    return "\n".join(lines) + "\n"
+
+
 def findings_by_family(results: list[CellResult]) -> str:
-    """The findings under every metric family the results hold, side by side: one section per family."""
+    """The findings under every metric family the results hold: a summary of verdicts and their robustness across
+    the toy instruments, then one section per family."""
     families = [(name, pair) for name, pair in FIDELITY_BY_FAMILY.items() if decidable(results, fidelity=pair)]
     if len(families) == 1:
         return findings_markdown(results, fidelity=families[0][1])
-    sections = []
+    sections = ["### Verdicts under each instrument", "",
+                "A verdict is *robust* when the probe's style and the texture statistic give the same one, and "
+                "*instrument-dependent* otherwise; the reference family is shown beside them.", "",
+                robustness_markdown(results, families)]
     for name, pair in families:
         title = f"### Decided by the {name} metrics ({pair[0].value}, {pair[1].value})"
         sections += [title, "", findings_markdown(results, fidelity=pair)]

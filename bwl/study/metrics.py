@@ -4,6 +4,8 @@ reference family, :mod:`bwl.study.reference`; ``both``: the two side by side):
 
 - identity fidelity: the fraction of the identity's attributes (shape, color, hat, eyes) present;
 - style fidelity: the probe's probability of the held-out style;
+- style texture: the held-out style's texture statistic (:mod:`bwl.toy.texture`), a second, transparent instrument
+  for the style;
 - prompt fidelity: the fraction of prompt-asked attributes that differ from the training data (e.g. a background)
   present;
 - base preservation: for prompts without a trigger, the fraction of asked attributes present.
@@ -20,12 +22,22 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from bwl.core.hashing import file_hash
+from bwl.core.hashing import config_hash, file_hash
 from bwl.data.datasets import split_tags
 from bwl.study.vocabulary import METRICS, METRICS_BY_FAMILY, Metric
 from bwl.toy.assets import PROBE_PATH
 from bwl.toy.probes import Probe, load_probe
-from bwl.toy.world import HELD_OUT_STYLE, IDENTITY, IDENTITY_BACKGROUNDS, IDENTITY_TRIGGER, STYLE_TRIGGER, tag_attribute
+from bwl.toy.texture import VERSION as TEXTURE_VERSION
+from bwl.toy.texture import texture_energy
+from bwl.toy.world import (
+    DRAWN_TEXTURES,
+    HELD_OUT_STYLE,
+    IDENTITY,
+    IDENTITY_BACKGROUNDS,
+    IDENTITY_TRIGGER,
+    STYLE_TRIGGER,
+    tag_attribute,
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ def probe_scores(probe: Probe, images: Sequence[Image.Image], prompts: Sequence[
             score[Metric.IDENTITY.value] = float(np.mean([reading[k] == v for k, v in IDENTITY.items()]))
         if STYLE_TRIGGER in tags:
             score[Metric.STYLE.value] = float(style_probability[i])
+            score[Metric.STYLE_TEXTURE.value] = texture_energy(images[i], HELD_OUT_STYLE, DRAWN_TEXTURES)
         if has_trigger(prompt):
             novel = {k: v for k, v in asked.items() if not (k == "background" and v in IDENTITY_BACKGROUNDS)}
             if novel:
@@ -109,7 +122,7 @@ class ProbeScorer:
 
     def __init__(self, path=PROBE_PATH):
         self.probe = load_probe(path)
-        self.version = file_hash(path)
+        self.version = config_hash({"probe": file_hash(path), "texture": TEXTURE_VERSION})
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
                  base_images: Sequence[Image.Image] | None = None) -> list[Scores]:

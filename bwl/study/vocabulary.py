@@ -34,6 +34,7 @@ class Metric(str, Enum):
 
     IDENTITY = "identity"  # the identity's look is present
     STYLE = "style"  # the style is present
+    STYLE_TEXTURE = "style_texture"  # the style's texture statistic: the share of the head in its pattern
     PROMPT = "prompt"  # what the prompt asks beyond the training data is present
     PRESERVATION = "preservation"  # prompts without a trigger still work as in the base model
     REF_IDENTITY = "ref_identity"  # DINOv2 (else CLIP) similarity to the identity's training images' centroid
@@ -45,16 +46,20 @@ class Metric(str, Enum):
 
 
 METRICS: tuple[Metric, ...] = tuple(Metric)
-PROBE_METRICS: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE, Metric.PROMPT, Metric.PRESERVATION)
+PROBE_METRICS: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE, Metric.STYLE_TEXTURE, Metric.PROMPT,
+                                     Metric.PRESERVATION)  # the toy world's instruments: the probe, the texture
 REFERENCE_METRICS: tuple[Metric, ...] = (Metric.REF_IDENTITY, Metric.REF_IDENTITY_CLIP, Metric.REF_STYLE,
                                          Metric.REF_PROMPT, Metric.REF_PRESERVATION, Metric.DIVERSITY)
 METRICS_BY_FAMILY: dict[str, tuple[Metric, ...]] = {"probe": PROBE_METRICS, "reference": REFERENCE_METRICS}
 """The metrics each family of scorers writes."""
 FIDELITY_BY_FAMILY: dict[str, tuple[Metric, Metric]] = {
     "probe": (Metric.IDENTITY, Metric.STYLE),
+    "texture": (Metric.IDENTITY, Metric.STYLE_TEXTURE),
     "reference": (Metric.REF_IDENTITY, Metric.REF_STYLE),
 }
-"""The identity/style pair each metric family decides the paper's claims with."""
+"""The identity/style pair each metric family decides the paper's claims with ("texture": the probe's identity
+with the transparent texture statistic for the style, a second instrument for the style)."""
+TOY_INSTRUMENTS = ("probe", "texture")  # a toy verdict is robust when it holds under each of these
 FIDELITY: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE)  # what the paper's claims compare
 
 

@@ -37,6 +37,7 @@ HELD_OUT_STYLE = "checker"
 REPLICATE_SHAPES = ("star", "heart")  # held out too, for replicated findings; not yet read by the shipped probe
 REPLICATE_STYLES = ("dots", "hatch")
 TEXTURES = ("stripes", HELD_OUT_STYLE, *REPLICATE_STYLES)  # the styles that paint white cells on the 4 px grid
+DRAWN_TEXTURES = ("stripes", HELD_OUT_STYLE)  # those the toy study's model can draw: the seen one and the style
 BACKGROUNDS = {
     "white": (245, 245, 245), "gray": (150, 150, 150), "pink": (250, 185, 205),
     "sky": (165, 205, 250), "mint": (175, 238, 195),
