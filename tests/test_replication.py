@@ -180,3 +180,29 @@ def test_a_verdict_is_robust_only_under_every_toy_instrument():
     assert line.split("|")[3:6] == [" beats ", " tie ", " instrument-dependent "], line
     c1 = next(row for row in text.splitlines() if row.startswith("| **C1**"))
     assert "**robust**" in c1  # ties under both instruments
+
+
+def test_two_launched_processes_share_the_adapters_and_cells(tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo) on the smoke profile: every adapter is trained exactly once,
+    by one of the two, the tables are written once, and a rerun reuses everything by key."""
+    import re
+    import subprocess
+    import sys
+
+    settings = ["runs_dir=" + str(tmp_path / "runs"), "figures_dir=" + str(tmp_path / "figures"), "metrics=probe",
+                "methods=[lora]", "train_lengths=[2,4]", "train_seeds=[0,1]", "seeds=[0,1]",
+                "prompts=['zkc, qrv, sky background']"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "bwl", "lengths", "--profile", "smoke", *[arg for s in settings for arg in ("--set", s)]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "process 0 of 2" in output and "process 1 of 2" in output, output[-3000:]
+    trained = re.findall(r"\] (\S+ \(\d+ steps\)): trained", output)
+    assert len(trained) == len(set(trained)) == 10, trained  # each of the 10 adapters once
+    assert len(list((tmp_path / "runs" / "adapters").glob("*/adapter.safetensors"))) == 10
+    rows = (tmp_path / "figures" / "lengths" / "lengths.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * 2  # header, then lengths x seeds x cells, written once
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert again.returncode == 0 and "trained" not in again.stdout, again.stdout[-2000:]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from bwl.adapters.compose import load_adapters, set_block_weights
 from bwl.core.atomic import atomic_path, write_json
 from bwl.core.hashing import config_hash
 from bwl.sd.generate import generate
+from bwl.study.distributed import barrier, is_main, launched, share
 from bwl.study.metrics import Estimate, Scorers, Scores, summarize, without_families
 from bwl.study.profile import Profile
 from bwl.study.vocabulary import BASE, AdapterKey, Cell, Metric
@@ -72,14 +73,39 @@ class CellRenderer:
         self.pipe, self.profile, self.store, self.scorer = pipe, profile, store, scorer
         self.model_fingerprint, self.files, self.file_hashes = model_fingerprint, files, file_hashes
         self.resident = set(resident)
+        self.device_type = pipe.device.type if pipe is not None else "cpu"
 
     def key(self, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> str:
         p = self.profile
-        return config_hash({
+        values = {
             "model": self.model_fingerprint, "weights": {k: str(w) for k, w in cell.named_weights().items()},
             "files": {str(k): self.file_hashes[k] for k in cell.weights}, "prompts": list(prompts),
             "seeds": list(seeds), "steps": p.sample_steps, "cfg": p.guidance_scale, "size": p.resolution,
-        })
+        }
+        if self.device_type != "cpu":  # a GPU's images differ from the CPU's in their last bits
+            values["device"] = self.device_type
+        return config_hash(values)
+
+    def render_many(self, jobs: Sequence[tuple[Cell, Sequence[str], Sequence[int]]],
+                    done: Callable[[], object] = lambda: None) -> list[tuple[str, bool]]:
+        """:meth:`render` for every job, in order. Under ``accelerate launch`` each process renders its share (the
+        base cells the reference metrics compare with first, by the main process) and all wait for the others, so
+        every returned key is complete; ``generated`` is True only for cells this process generated. ``done`` is
+        called after each cell this process renders (a progress bar's update)."""
+        def render(job: tuple[Cell, Sequence[str], Sequence[int]]) -> tuple[str, bool]:
+            rendered = self.render(*job)
+            done()
+            return rendered
+
+        if not launched():
+            return [render(job) for job in jobs]
+        if self.scorer is not None and self.scorer.needs_base and is_main():
+            for prompts, seeds in dict.fromkeys((tuple(p), tuple(s)) for _, p, s in jobs):
+                self.render(Cell(BASE), prompts, seeds)
+        barrier()
+        mine = {i: render(jobs[i]) for i in share(range(len(jobs)))}
+        barrier()
+        return [mine.get(i, (self.key(*job), False)) for i, job in enumerate(jobs)]
 
     def render(self, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[str, bool]:
         """The cell's key, and whether it was generated now (False: reused; a family the profile scores with that the

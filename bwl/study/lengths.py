@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from bwl.core.atomic import atomic_path, write_csv, write_text
 from bwl.core.config import ConfigError
 from bwl.study.console import log, progress
+from bwl.study.distributed import barrier, is_main
 from bwl.study.metrics import Estimate, mean_ci
 from bwl.study.profile import Profile
 from bwl.study.statistics import PooledEffect, hierarchical_bootstrap
@@ -103,20 +104,22 @@ def run_lengths(profile: Profile, log: Log = log) -> Path:
     if not profile.methods:
         raise ConfigError(f"profile {profile.name}: methods is empty; list the methods to train (e.g. [lora, locon])")
     grids = [length_grid(method) for method in profile.methods]
+    if is_main() and not Study(profile).concept_dir(Concept.STYLE).is_dir():
+        Study(profile).prepare_data()
+    barrier()
     runs = studies(profile)
-    if not runs[0][2].concept_dir(Concept.STYLE).is_dir():
-        runs[0][2].prepare_data()
     train_missing(runs, grids, profile.train_workers, log)
     cells: list[LengthCell] = []
     with progress(len(runs) * sum(len(g.cells) for g in grids), "length cells") as bar:
         for steps, seed, study in runs:
             renderer = study.renderer(adapters_of(grids))
-            for grid in grids:
-                for column in grid.cells:  # no reference columns: the two cells are all the question needs
-                    key, _ = renderer.render(column, profile.prompts, profile.seeds)
-                    cells.append(LengthCell(grid.method, steps, seed, column.label, study.cells.scores(key)))
-                    bar.update()
+            jobs = [(column, profile.prompts, profile.seeds) for grid in grids for column in grid.cells]
+            rendered = renderer.render_many(jobs, bar.update)  # no reference columns: two cells answer the question
+            for (column, _, _), grid, (key, _) in zip(jobs, [g for g in grids for _ in g.cells], rendered):
+                cells.append(LengthCell(grid.method, steps, seed, column.label, study.cells.scores(key)))
     out = profile.figures / "lengths"
+    if not is_main():
+        return out / "lengths.csv"
     write_csv(out / "lengths.csv", [c.row() for c in cells])
     gaps = style_gaps(cells)
     identity_steps = runs[0][2].train_config(identity(profile.methods[0])).steps

@@ -23,6 +23,7 @@ from bwl.sd.tiny import build_tiny_pipeline
 from bwl.study import runs
 from bwl.study.cells import CellRenderer, CellStore
 from bwl.study.console import log, progress
+from bwl.study.distributed import barrier, device, is_main
 from bwl.study.findings import decidable, findings_by_family
 from bwl.study.metrics import METRIC_SUITES, ProbeScorer, Scorers
 from bwl.study.profile import Profile
@@ -173,32 +174,37 @@ class Study:
         if missing:
             raise FileNotFoundError(f"adapters not trained yet: {missing}; run the training step first")
         hashes = {k: file_hash(f) for k, f in files.items()}
-        return CellRenderer(load_pipeline(self.model), self.profile, self.cells, self.model_fingerprint, files,
-                            hashes, self.scorer(), keys if resident is None else resident)
+        resident = keys if resident is None else resident
+        return CellRenderer(load_pipeline(self.model, device=device()), self.profile, self.cells,
+                            self.model_fingerprint, files, hashes, self.scorer(), resident)
 
     def run_grids(self, log: Log = log) -> Path:
         """Generate every column of every grid (same prompts and seeds everywhere, batched), score it, and write the
-        results table (and the findings, where the run decides them)."""
+        results table (and the findings, where the run decides them). Under ``accelerate launch`` the processes
+        share the cells and the main process writes the tables."""
         p = self.profile
         renderer = self.renderer(self.needed_adapters())
-        results = []
-        bar = progress(sum(len(g.columns()) for g in self.grids()), "grid cells")
-        for grid in self.grids():
-            made = 0
-            for column in grid.columns():
-                key, generated = renderer.render(column, p.prompts, p.seeds)
-                made += generated
-                results.append(CellResult(grid.name, column.label, key, renderer.summary(key)))
-                bar.update()
-            count = len(grid.columns())
-            log(f"{grid.name}: {count} cells, {made} generated ({len(p.prompts) * len(p.seeds)} images each), "
-                f"{count - made} reused")
-        bar.close()
+        jobs = [(column, p.prompts, p.seeds) for grid in self.grids() for column in grid.columns()]
+        with progress(len(jobs), "grid cells") as bar:
+            rendered = iter(renderer.render_many(jobs, bar.update))
+            results = []
+            for grid in self.grids():
+                made = 0
+                for column in grid.columns():
+                    key, generated = next(rendered)
+                    made += generated
+                    results.append(CellResult(grid.name, column.label, key, renderer.summary(key)))
+                count = len(grid.columns())
+                log(f"{grid.name}: {count} cells, {made} generated ({len(p.prompts) * len(p.seeds)} images each), "
+                    f"{count - made} reused")
         if renderer.scorer is not None:
             log("scoring time: " + ", ".join(f"{f} {t:.1f} s" for f, t in renderer.scorer.seconds.items()))
-        path = write_results(p.figures, results, p.to_dict())
-        if any(decidable(results, fidelity=pair) for pair in FIDELITY_BY_FAMILY.values()):
-            write_text(p.figures / "findings.md", findings_by_family(results))
+        path = p.figures / "results.csv"
+        if is_main():
+            path = write_results(p.figures, results, p.to_dict())
+            if any(decidable(results, fidelity=pair) for pair in FIDELITY_BY_FAMILY.values()):
+                write_text(p.figures / "findings.md", findings_by_family(results))
+        barrier()
         return path
 
     def results(self) -> list[CellResult]:

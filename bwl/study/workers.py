@@ -16,6 +16,7 @@ import torch
 
 from bwl.sd.pipeline import load_pipeline
 from bwl.study.console import log, progress
+from bwl.study.distributed import barrier, device, launched, leave_launch, rank_and_size, share
 from bwl.train.config import TrainConfig
 from bwl.train.loop import train
 from bwl.train.losses import read_losses
@@ -33,8 +34,10 @@ def train_one(config: TrainConfig) -> Path:
         return train(config, pipe=load_pipeline(config.model))
 
 
-def _start_worker(threads: int) -> None:
+def _start_worker(threads: int, standalone: bool = False, gpu: int | None = None) -> None:
     torch.set_num_threads(threads)
+    if standalone:
+        leave_launch(gpu)
 
 
 def _summary(label: str, config: TrainConfig) -> str:
@@ -49,8 +52,16 @@ def train_adapters(configs: Mapping[str, TrainConfig], workers: int = 1, log: Lo
 
     Small models use two CPU threads poorly, so two one-thread processes train about 1.6x as many steps a second
     as one two-thread process (toy profile). A worker's exception is raised here, once, after the others are
-    cancelled.
+    cancelled. Under ``accelerate launch`` each process trains its share (:func:`~bwl.study.distributed.share`),
+    one at a time in a child process outside the launch, then waits for the others.
     """
+    if launched():
+        mine = dict(share(sorted(configs.items())))
+        log(f"process {rank_and_size()[0]} of {rank_and_size()[1]}: training {len(mine)} of {len(configs)} adapters")
+        with progress(len(mine), "training adapters") as bar:
+            _train_in_workers(mine, 1, log, bar, standalone=True)
+        barrier()
+        return
     total = len(configs)
     with progress(total, "training adapters") as bar:
         if workers <= 1 or total <= 1 or torch.cuda.is_available():
@@ -63,13 +74,16 @@ def train_adapters(configs: Mapping[str, TrainConfig], workers: int = 1, log: Lo
             _train_in_workers(configs, workers, log, bar)
 
 
-def _train_in_workers(configs: Mapping[str, TrainConfig], workers: int, log: Log, bar) -> None:
+def _train_in_workers(configs: Mapping[str, TrainConfig], workers: int, log: Log, bar, standalone: bool = False
+                      ) -> None:
     total = len(configs)
     threads = max(1, torch.get_num_threads() // workers)
     log(f"training {total} adapters, {workers} at a time ({threads} thread(s) each)")
     context = multiprocessing.get_context("spawn")
     done, started = 0, time.time()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
+    gpu = device().index if standalone and device().type == "cuda" else None
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(threads, standalone, gpu)) as pool:
         running = {pool.submit(train_one, config): key for key, config in configs.items()}
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
