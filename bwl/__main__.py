@@ -71,22 +71,14 @@ def parser() -> argparse.ArgumentParser:
     probe = commands.add_parser("probe", help="train the toy world's probe into data/toy-probe.safetensors")
     probe.add_argument("--steps", type=int, default=600)
 
-    sweep = commands.add_parser(
-        "sweep", help="block sweep: style LoCon on every block and block pair (what notebook 06 runs)"
-    )
-    sweep.add_argument("--profile", default="sweep")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    methods = commands.add_parser(
-        "methods", help="methods study: LoRA, LoCon, LoHa, LoKr, DoRA, OFT, each block-wise, C1-C3 per method"
-    )
-    methods.add_argument("--profile", default="methods")
-    methods.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-
-    lengths = commands.add_parser(
-        "lengths", help="training-length study: full and upper-trained style at several lengths and seeds"
-    )
-    lengths.add_argument("--profile", default="lengths")
-    lengths.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    for name, text in (
+        ("sweep", "block sweep: style LoCon on every block and block pair (what notebook 06 runs)"),
+        ("methods", "methods study: LoRA, LoCon, LoHa, LoKr, DoRA, OFT, each block-wise, C1-C3 per method"),
+        ("lengths", "training-length study: full and upper-trained style at several lengths and seeds"),
+    ):
+        study_command = commands.add_parser(name, help=text)
+        study_command.add_argument("--profile", default=name)
+        study_command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     eye = commands.add_parser(
         "eye-check", help="each style instrument's accuracy on the eye-labelled sheet (figures/eye-check)"

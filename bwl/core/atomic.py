@@ -54,3 +54,13 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)
+
+
+def finish_figure(figure, path: str | Path | None = None):
+    """Lay out a matplotlib figure and, when ``path`` is given, write it there as a PNG at 110 dpi (atomically);
+    returns the figure."""
+    figure.tight_layout()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=110)
+    return figure

@@ -21,7 +21,7 @@ from PIL import Image
 from bwl.adapters.blocks import PAPER_BLOCKS
 from bwl.adapters.compose import load_adapters, set_block_weights
 from bwl.adapters.report import inspect_adapter
-from bwl.core.atomic import atomic_path
+from bwl.core.atomic import finish_figure
 from bwl.sd.generate import generate
 from bwl.study.console import progress
 from bwl.study.metrics import Estimate, Scores, mean_ci
@@ -130,8 +130,4 @@ def effects_figure(effects: Sequence[BlockEffect], title: str = "", out: Path | 
         ax.set_title(measure if measure == "pixel difference" else f"Δ {measure} (off − on)", fontsize=9)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    if out is not None:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    return fig
+    return finish_figure(fig, out)

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from bwl.adapters.blocks import PAPER_BLOCKS
-from bwl.core.atomic import atomic_path
+from bwl.core.atomic import atomic_path, finish_figure
 from bwl.core.images import labeled_grid
 from bwl.study.console import log
 from bwl.study.results import CellResult
@@ -81,11 +81,7 @@ def sweep_figure(results: list[SweepResult], out: Path | None = None) -> Figure:
     ax.set_xlabel("identity fidelity")
     ax.set_ylabel("style fidelity")
     ax.legend()
-    fig.tight_layout()
-    if out is not None:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    return fig
+    return finish_figure(fig, out)
 
 
 def block_sweep(study: Study, log: Log = log) -> tuple[list[SweepResult], Path]:

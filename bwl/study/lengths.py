@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from bwl.core.atomic import atomic_path, write_csv, write_text
+from bwl.core.atomic import finish_figure, write_csv, write_text
 from bwl.core.config import ConfigError
 from bwl.study.console import log, progress
 from bwl.study.distributed import barrier, is_main
@@ -199,8 +199,4 @@ def lengths_figure(cells: list[LengthCell], gaps: dict[tuple[str, int], PooledEf
         bottom.set_xticks(lengths, [str(n) for n in lengths])
         bottom.set_xlabel("style adapter training steps")
         bottom.set_ylabel("style gap: upper - all")
-    fig.tight_layout()
-    if out is not None:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    return fig
+    return finish_figure(fig, out)

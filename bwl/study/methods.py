@@ -21,7 +21,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from bwl.adapters.blocks import PAPER_BLOCKS
-from bwl.core.atomic import atomic_path, write_csv, write_text
+from bwl.core.atomic import finish_figure, write_csv, write_text
 from bwl.sd.pipeline import load_pipeline
 from bwl.study.console import log, progress
 from bwl.study.findings import Claim, claim_verdict, compare, decidable, findings_markdown
@@ -217,8 +217,4 @@ def methods_figure(rows: list[MethodRow], out: Path | None = None) -> Figure:
     right.set_xscale("log")
     right.set_xlabel("style adapter parameters")
     right.set_ylabel("median s/step (training, measured one adapter at a time)")
-    fig.tight_layout()
-    if out is not None:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    return fig
+    return finish_figure(fig, out)
