@@ -1,5 +1,5 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, methods, lengths,
-findings, eye-check, validate-reference, gates, pretrain, probe, toy-clip, demo.
+replicate, findings, eye-check, validate-reference, gates, pretrain, probes, toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, or a failed notebook) is one line
 on stderr, ``bwl: error: <message>``, and exit status 2; ``--debug`` shows its traceback. Unexpected exceptions still
@@ -31,11 +31,12 @@ from bwl.study.gates import gates as measure_gates
 from bwl.study.lengths import run_lengths
 from bwl.study.methods import run_methods
 from bwl.study.profile import load_profile
+from bwl.study.replicate import run_replicate
 from bwl.study.runner import StudyFailed, run_study
 from bwl.study.study import Study
 from bwl.study.validation import write_validation
 from bwl.study.vocabulary import Concept
-from bwl.toy.assets import train_and_save_probe
+from bwl.toy.assets import train_and_save_probes
 from bwl.toy.encoder import train_toy_clip
 from bwl.toy.pretrain import PretrainConfig, pretrain
 from bwl.train import TrainConfig, TrainingDiverged, train
@@ -68,13 +69,16 @@ def parser() -> argparse.ArgumentParser:
     pretrain_command.add_argument("--config", help="YAML or JSON file with PretrainConfig keys")
     configs.add_arguments(pretrain_command, PretrainConfig)
 
-    probe = commands.add_parser("probe", help="train the toy world's probe into data/toy-probe.safetensors")
-    probe.add_argument("--steps", type=int, default=600)
+    probes = commands.add_parser("probes", help="train the toy world's probes (the instruments) into data/")
+    probes.add_argument("--steps", type=int, default=1200)
+    probes.add_argument("--pool", type=int, default=40960, help="renders in the shared training pool")
+    probes.add_argument("--only", nargs="*", default=[], help="instrument names to train (default: all)")
 
     for name, text in (
         ("sweep", "block sweep: style LoCon on every block and block pair (what notebook 06 runs)"),
         ("methods", "methods study: LoRA, LoCon, LoHa, LoKr, DoRA, OFT, each block-wise, C1-C3 per method"),
         ("lengths", "training-length study: full and upper-trained style at several lengths and seeds"),
+        ("replicate", "replicated study: all four grids per identity-style pair and training seed, pooled"),
     ):
         study_command = commands.add_parser(name, help=text)
         study_command.add_argument("--profile", default=name)
@@ -130,8 +134,8 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         print(train(configs.from_args(TrainConfig, args)))
     elif args.command == "pretrain":
         print(pretrain(configs.from_args(PretrainConfig, args)))
-    elif args.command == "probe":
-        print(json.dumps(train_and_save_probe(steps=args.steps), indent=2))
+    elif args.command == "probes":
+        print(json.dumps(train_and_save_probes(args.steps, args.pool, only=tuple(args.only)), indent=2))
     elif args.command == "sweep":
         print(block_sweep(Study(load_profile(args.profile, _overrides(cli, args.overrides))))[1])
     elif args.command == "methods":
@@ -141,6 +145,8 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         print(run_methods(study))
     elif args.command == "lengths":
         print(run_lengths(load_profile(args.profile, _overrides(cli, args.overrides))))
+    elif args.command == "replicate":
+        print(run_replicate(load_profile(args.profile, _overrides(cli, args.overrides))))
     elif args.command == "eye-check":
         out = Path(args.out)
         if args.sample:

@@ -207,3 +207,99 @@ def test_two_launched_processes_share_the_adapters_and_cells(tmp_path):
     assert len(rows) == 1 + 2 * 2 * 2  # header, then lengths x seeds x cells, written once
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert again.returncode == 0 and "trained" not in again.stdout, again.stdout[-2000:]
+
+
+def _replicate_cells(style_texture_gap: float, pairs=("zkc+qrv", "star+dots", "heart+hatch"), seeds=(0, 1, 2)):
+    """Synthetic replicates in which C1's cell has identity +0.2 and style +0.1 over the cells it is compared with,
+    under every probe; the texture statistic sees ``style_texture_gap`` instead; every other cell is alike."""
+    from bwl.study.pooled import ROWS, ReplicateCells
+    from bwl.toy.assets import INSTRUMENTS
+
+    def image(identity: float, style: float, texture: float, noise: float) -> dict[str, float]:
+        values = {"identity": identity + noise, "style": style + noise, "preservation": 0.9 + noise,
+                  "style_texture": texture + noise, "ref_identity": 0.5, "ref_style": 0.5, "ref_preservation": 0.5}
+        for name in (i.name for i in INSTRUMENTS):
+            values |= {f"identity@{name}": identity + noise, f"style@{name}": style + noise,
+                       f"preservation@{name}": 0.9 + noise}
+        return values
+
+    found = []
+    for p_index, pair in enumerate(pairs):
+        for seed in seeds:
+            rng = np.random.default_rng([p_index, seed])
+            noise = rng.normal(0, 0.01, 6)
+            scores = {}
+            for row in ROWS:
+                for label in (row.cell, row.other):
+                    scores[(row.grid, label)] = [image(0.5, 0.4, 0.4, n) for n in noise]
+            for row in ROWS:
+                if row.group == "C1":
+                    scores[(row.grid, row.cell)] = [image(0.7, 0.5, 0.4 + style_texture_gap, n) for n in noise]
+            found.append(ReplicateCells(pair, seed, scores))
+    return found
+
+
+def test_pooled_effects_of_a_known_design_and_their_replicate_counts():
+    from bwl.study.pooled import ROWS, decide
+    from bwl.study.vocabulary import Metric
+
+    decided = decide(_replicate_cells(style_texture_gap=0.1), resamples=300)
+    c1 = next(r for r in ROWS if r.group == "C1")
+    effects = decided.of(c1, "probes")
+    assert effects[Metric.IDENTITY].pooled.mean == pytest.approx(0.2)
+    assert effects[Metric.IDENTITY].pooled.low == pytest.approx(0.2) and effects[Metric.IDENTITY].pooled.pairs == 3
+    assert effects[Metric.IDENTITY].pooled.seeds == 9 and effects[Metric.IDENTITY].pooled.images == 54
+    assert effects[Metric.STYLE].pooled.mean == pytest.approx(0.1)
+    assert effects[Metric.IDENTITY].replicate_signs == [1] * 9
+    assert decided.verdict(c1, "probes") == "beats"
+    assert all(decided.verdict(c1, name) == "beats" for name in decided.toy)
+    assert decided.robustness({n: decided.verdict(c1, n) for n in decided.names}) == "robust"
+    assert set(effects[Metric.IDENTITY].per_pair) == {"zkc+qrv", "star+dots", "heart+hatch"}
+
+
+def test_a_replicated_verdict_that_one_instrument_does_not_share_is_instrument_dependent(tmp_path):
+    import csv
+
+    from bwl.study.pooled import ROWS, decide, write_pooled
+
+    cells = _replicate_cells(style_texture_gap=-0.3)
+    decided = decide(cells, resamples=300)
+    c1 = next(r for r in ROWS if r.group == "C1")
+    assert decided.verdict(c1, "probes") == "beats" and decided.verdict(c1, "texture") == "trade-off"
+    assert decided.robustness({n: decided.verdict(c1, n) for n in decided.names}) == "instrument-dependent"
+    path = write_pooled(cells, tmp_path, "replicate", resamples=200)
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    pooled = [r for r in rows if r["pair"] == "pooled" and r["group"] == "C1" and r["reading"] == "probes"
+              and r["metric"] in ("identity", "style")]
+    assert pooled and all(r["replicates"] == "9" and float(r["p_holm"]) <= 0.05 for r in pooled)
+    text = (tmp_path / "replicate" / "replicate.md").read_text()
+    assert "instrument-dependent" in text and "9/9" in text
+    assert {p.name for p in (tmp_path / "replicate").glob("forest-*.png")} == {
+        "forest-C1.png", "forest-C2.png", "forest-C3.png", "forest-interference.png"}
+
+
+def test_the_replicated_study_runs_every_pair_and_seed_and_reuses_by_key(tmp_path):
+    """Two pairs x two training seeds on the smoke model: each pair's data in its own folders, each adapter keyed by
+    pair and seed, one results table per replicate, the pooled table over both pairs; a rerun trains nothing."""
+    import csv
+
+    from bwl.study.replicate import replicates, run_replicate
+
+    profile = _smoke(tmp_path, pairs=["zkc+qrv", "star+dots"], train_seeds=[0, 1], metrics="probe",
+                     grids=["fig4b"], model=str(tmp_path / "tiny-sd"))
+    path = run_replicate(profile)
+    data = tmp_path / "runs" / "data"
+    assert {p.name for p in data.iterdir() if p.is_dir()} >= {"identity", "style", "identity-star", "style-dots"}
+    adapters = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "runs" / "adapters").iterdir()}
+    assert {"id_locon_all", "id_locon_all_s1", "id_locon_all_star", "id_locon_all_star_s1",
+            "style_locon_upper_dots_s1"} <= adapters
+    tables = sorted(p.parent.name for p in (tmp_path / "figures" / "replicate").glob("*/results.csv"))
+    assert tables == ["star-dots-s0", "star-dots-s1", "zkc-qrv-s0", "zkc-qrv-s1"]
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    pooled = [r for r in rows if r["group"] == "C3" and r["pair"] == "pooled" and r["reading"] == "probes"]
+    assert pooled and all(r["pairs"] == "2" and r["replicates"] == "4" for r in pooled)
+    assert {r["pair"] for r in rows} == {"pooled", "zkc+qrv", "star+dots"}
+    trained = len(adapters)
+    run_replicate(profile)
+    assert len(list((tmp_path / "runs" / "adapters").iterdir())) == trained
+    assert len(replicates(profile)) == 4

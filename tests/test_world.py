@@ -31,8 +31,8 @@ def test_held_out_concepts_never_appear_in_pretraining():
 
 
 def test_replicate_concepts_render_deterministically_and_are_never_drawn():
-    """Star and heart heads, dots and hatching: distinct, deterministic renders; no sampler draws them (pretraining,
-    nor the shipped VAE's and probe's training batches)."""
+    """Star and heart heads, dots and hatching: distinct, deterministic renders; the pretraining sampler never draws
+    them (the probes' sampler of every concept does)."""
     looks = {}
     for shape in REPLICATE_SHAPES:
         looks[shape] = np.asarray(render(Character(shape, "green", "none", "round", "flat", "sky"), 4))
@@ -50,15 +50,22 @@ def test_replicate_concepts_render_deterministically_and_are_never_drawn():
     assert not any({c.shape, c.style} & new for c in characters)
     assert not any(set(cap.split(", ")) & new for cap in captions)
     _, characters = any_batch(np.random.default_rng(2), 3000)
-    assert not any({c.shape, c.style} & new for c in characters)
+    assert new <= {c.shape for c in characters} | {c.style for c in characters}
 
 
-def test_probe_reads_fresh_renders_at_97_percent():
-    from bwl.toy.assets import PROBE_PATH
-    from bwl.toy.probes import accuracy, load_probe
+def test_each_probe_reads_fresh_renders_and_the_new_concepts_at_97_percent():
+    """Every instrument, on fresh renders of every concept and on each replication concept alone."""
+    from bwl.toy.assets import INSTRUMENTS
+    from bwl.toy.probe_training import accuracy, concept_accuracy
+    from bwl.toy.probes import load_probe
 
-    readings = accuracy(load_probe(PROBE_PATH), count=128, seed=2024)
-    assert min(readings.values()) >= 0.97, readings
+    for instrument in INSTRUMENTS:
+        probe = load_probe(instrument.path)
+        assert probe.architecture == instrument.architecture
+        readings = accuracy(probe, count=128, seed=2024)
+        new = concept_accuracy(probe, {"shape": REPLICATE_SHAPES, "style": REPLICATE_STYLES}, count=48, seed=7)
+        assert min(readings.values()) >= 0.97, (instrument.name, readings)
+        assert min(new.values()) >= 0.97, (instrument.name, new)
 
 
 def test_shipped_model_loads_through_from_pretrained_and_draws_what_the_probe_reads():

@@ -24,7 +24,7 @@ from bwl.core.atomic import atomic_path, write_json
 from bwl.core.hashing import config_hash
 from bwl.sd.generate import generate
 from bwl.study.distributed import barrier, is_main, launched, share
-from bwl.study.metrics import Estimate, Scorers, Scores, summarize, without_families
+from bwl.study.metrics import Estimate, Scorers, Scores, spreads, summarize, without_families
 from bwl.study.profile import Profile
 from bwl.study.vocabulary import BASE, AdapterKey, Cell, Metric
 
@@ -69,8 +69,11 @@ class CellRenderer:
 
     def __init__(self, pipe: StableDiffusionPipeline, profile: Profile, store: CellStore, model_fingerprint: str,
                  files: dict[AdapterKey, Path], file_hashes: dict[AdapterKey, str], scorer: Scorers | None,
-                 resident: Sequence[AdapterKey] = ()):
+                 resident: Sequence[AdapterKey] = (), scope: str = ""):
+        """``scope``: what else the cells' scores depend on (a replicate's concept pair: the base model's cells are
+        scored against each pair's identity and style), part of every cell's key when set."""
         self.pipe, self.profile, self.store, self.scorer = pipe, profile, store, scorer
+        self.scope = scope
         self.model_fingerprint, self.files, self.file_hashes = model_fingerprint, files, file_hashes
         self.resident = set(resident)
         self.device_type = pipe.device.type if pipe is not None else "cpu"
@@ -82,6 +85,8 @@ class CellRenderer:
             "files": {str(k): self.file_hashes[k] for k in cell.weights}, "prompts": list(prompts),
             "seeds": list(seeds), "steps": p.sample_steps, "cfg": p.guidance_scale, "size": p.resolution,
         }
+        if self.scope:
+            values["scope"] = self.scope
         if self.device_type != "cpu":  # a GPU's images differ from the CPU's in their last bits
             values["device"] = self.device_type
         return config_hash(values)
@@ -158,3 +163,7 @@ class CellRenderer:
 
     def summary(self, key: str) -> dict[Metric, Estimate]:
         return summarize(self.store.scores(key))
+
+    def spreads(self, key: str) -> dict[Metric, float]:
+        """The probes' spread per metric (:func:`bwl.study.metrics.spreads`)."""
+        return spreads(self.store.scores(key))

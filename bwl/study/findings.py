@@ -60,11 +60,16 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        if self.better and not self.worse:
-            return "beats"
-        if self.worse and not self.better:
-            return "loses"
-        return "trade-off" if self.better else "tie"
+        return verdict_of(bool(self.better), bool(self.worse))
+
+
+def verdict_of(better: bool, worse: bool) -> str:
+    """A comparison's verdict from whether it is better on some metric and worse on some."""
+    if better and not worse:
+        return "beats"
+    if worse and not better:
+        return "loses"
+    return "trade-off" if better else "tie"
 
 
 def _find(results: list[CellResult], grid: str, cell: str) -> CellResult:
@@ -91,7 +96,12 @@ def compare(results: list[CellResult], grid: str, cell: str, other: str,
 
 
 def claim_verdict(comparisons: list[Comparison]) -> str:
-    verdicts = {c.verdict for c in comparisons}
+    return claim_verdict_of([c.verdict for c in comparisons])
+
+
+def claim_verdict_of(comparison_verdicts: list[str]) -> str:
+    """A claim's verdict from its comparisons' (all beat: holds; some beat or trade off: partly)."""
+    verdicts = set(comparison_verdicts)
     if verdicts == {"beats"}:
         return "holds"
     if "beats" in verdicts or "trade-off" in verdicts:

@@ -140,7 +140,7 @@ def run_methods(study: Study, log: Log = log) -> Path:
             renderer = study.renderer(adapters_of([grid]), resident=[])
             for column in grid.columns():
                 key, _ = renderer.render(column, p.prompts, p.seeds)
-                results.append(CellResult(grid.name, column.label, key, renderer.summary(key)))
+                results.append(CellResult(grid.name, column.label, key, renderer.summary(key), renderer.spreads(key)))
                 bar.update()
             log(f"{grid.name}: {len(grid.columns())} cells")
     out = p.figures / "methods"

@@ -1,6 +1,8 @@
 """The metrics of a cell (:class:`~bwl.study.vocabulary.Metric`): per-image scores, summarized as means with 95 %
-confidence intervals. ``metrics: probe`` reads them off the toy world's images with its probe (``reference``: the
-reference family, :mod:`bwl.study.reference`; ``both``: the two side by side):
+confidence intervals. ``metrics: probe`` reads them off the toy world's images with its probes (``reference``: the
+reference family, :mod:`bwl.study.reference`; ``both``: the two side by side). Each probe metric is the mean of the
+independently trained probes' readings (:data:`~bwl.toy.assets.INSTRUMENTS`); each probe's own reading is kept
+beside it as ``<metric>@<probe>`` and the cell reports their spread (largest minus smallest probe mean):
 
 - identity fidelity: the fraction of the identity's attributes (shape, color, hat, eyes) present;
 - style fidelity: the probe's probability of the held-out style;
@@ -25,19 +27,16 @@ from PIL import Image
 from bwl.core.hashing import config_hash, file_hash
 from bwl.data.datasets import split_tags
 from bwl.study.vocabulary import METRICS, METRICS_BY_FAMILY, Metric
-from bwl.toy.assets import PROBE_PATH
+from bwl.toy.assets import INSTRUMENTS, Instrument
+from bwl.toy.concepts import DEFAULT_PAIR, ConceptPair
 from bwl.toy.probes import Probe, load_probe
 from bwl.toy.texture import VERSION as TEXTURE_VERSION
 from bwl.toy.texture import texture_energy
-from bwl.toy.world import (
-    DRAWN_TEXTURES,
-    HELD_OUT_STYLE,
-    IDENTITY,
-    IDENTITY_BACKGROUNDS,
-    IDENTITY_TRIGGER,
-    STYLE_TRIGGER,
-    tag_attribute,
-)
+from bwl.toy.world import IDENTITY_BACKGROUNDS, IDENTITY_TRIGGER, STYLE_TRIGGER, tag_attribute
+
+INSTRUMENT_METRICS: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE, Metric.PROMPT, Metric.PRESERVATION)
+"""The metrics each probe reads (their mean is the metric; ``<metric>@<probe>`` each probe's own)."""
+
 
 
 @dataclass(frozen=True)
@@ -73,21 +72,34 @@ def has_trigger(prompt: str) -> bool:
 Scores = dict[str, float]  # one image's scores by metric name; metrics that do not apply to its prompt are absent
 
 
-def probe_scores(probe: Probe, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[Scores]:
-    """Per image, the metrics that apply to its prompt (others absent)."""
+def instrument_key(metric: Metric, instrument: str) -> str:
+    """Where one probe's own reading of a metric is kept in an image's scores."""
+    return f"{metric.value}@{instrument}"
+
+
+def drawn_textures(texture: str) -> tuple[str, ...]:
+    """The textures a study's model can draw: the seen one (stripes) and the style's own."""
+    return tuple(dict.fromkeys(("stripes", texture)))
+
+
+def probe_scores(probe: Probe, images: Sequence[Image.Image], prompts: Sequence[str],
+                 pair: ConceptPair = DEFAULT_PAIR) -> list[Scores]:
+    """Per image, the metrics that apply to its prompt (others absent), for ``pair``'s identity and style."""
+    texture = pair.style.texture
+    if texture not in probe.attributes["style"] or pair.identity.shape not in probe.attributes["shape"]:
+        raise ValueError(f"this probe does not read {pair}'s concepts (it reads styles {probe.attributes['style']} "
+                         f"and shapes {probe.attributes['shape']}); train the probes again: python -m bwl probes")
     readings = probe.read(images)
-    style_index = probe.attributes["style"].index(HELD_OUT_STYLE)
-    style_probability = probe.probabilities(images)["style"][:, style_index]
+    style_probability = probe.probabilities(images)["style"][:, probe.attributes["style"].index(texture)]
     scores = []
     for i, (reading, prompt) in enumerate(zip(readings, prompts)):
         asked = asked_attributes(prompt)
         score: Scores = {}
         tags = [t.split()[0] for t in split_tags(prompt)]
         if IDENTITY_TRIGGER in tags:
-            score[Metric.IDENTITY.value] = float(np.mean([reading[k] == v for k, v in IDENTITY.items()]))
+            score[Metric.IDENTITY.value] = float(np.mean([reading[k] == v for k, v in pair.identity.look.items()]))
         if STYLE_TRIGGER in tags:
             score[Metric.STYLE.value] = float(style_probability[i])
-            score[Metric.STYLE_TEXTURE.value] = texture_energy(images[i], HELD_OUT_STYLE, DRAWN_TEXTURES)
         if has_trigger(prompt):
             novel = {k: v for k, v in asked.items() if not (k == "background" and v in IDENTITY_BACKGROUNDS)}
             if novel:
@@ -115,18 +127,58 @@ class Scorer(Protocol):
                  base_images: Sequence[Image.Image] | None = None) -> list[Scores]: ...
 
 
+def ensemble_scores(probes: dict[str, Probe], images: Sequence[Image.Image], prompts: Sequence[str],
+                    pair: ConceptPair = DEFAULT_PAIR) -> list[Scores]:
+    """Every probe's scores kept as ``<metric>@<probe>``, their mean as the metric, and the texture statistic."""
+    merged: list[Scores] = [{} for _ in images]
+    for name, probe in probes.items():
+        for score, own in zip(merged, probe_scores(probe, images, prompts, pair)):
+            score.update({f"{metric}@{name}": value for metric, value in own.items()})
+    for score, prompt, image in zip(merged, prompts, images):
+        for metric in INSTRUMENT_METRICS:
+            values = [score[instrument_key(metric, name)] for name in probes if instrument_key(metric, name) in score]
+            if values:
+                score[metric.value] = float(np.mean(values))
+        if STYLE_TRIGGER in [t.split()[0] for t in split_tags(prompt)]:
+            texture = pair.style.texture
+            score[Metric.STYLE_TEXTURE.value] = texture_energy(image, texture, drawn_textures(texture))
+    return merged
+
+
+def instrument_means(scores: Sequence[Scores], metric: Metric) -> dict[str, float]:
+    """Each probe's mean reading of ``metric`` over the images it applies to."""
+    names = dict.fromkeys(k.split("@", 1)[1] for s in scores for k in s if k.startswith(f"{metric.value}@"))
+    return {name: float(np.mean([s[instrument_key(metric, name)] for s in scores
+                                 if instrument_key(metric, name) in s])) for name in names}
+
+
+def spreads(scores: Sequence[Scores]) -> dict[Metric, float]:
+    """Per metric the probes read, the largest minus the smallest probe's mean (absent: fewer than two probes)."""
+    out = {}
+    for metric in INSTRUMENT_METRICS:
+        means = instrument_means(scores, metric)
+        if len(means) > 1:
+            out[metric] = max(means.values()) - min(means.values())
+    return out
+
+
 class ProbeScorer:
-    """The toy world's probe reads each image (the probe family)."""
+    """The toy world's probes read each image for one identity-style pair (the probe family)."""
 
     families = ("probe",)
 
-    def __init__(self, path=PROBE_PATH):
-        self.probe = load_probe(path)
-        self.version = config_hash({"probe": file_hash(path), "texture": TEXTURE_VERSION})
+    def __init__(self, instruments: Sequence[Instrument] = INSTRUMENTS, pair: ConceptPair = DEFAULT_PAIR):
+        missing = [str(i.path) for i in instruments if not i.path.exists()]
+        if missing:
+            raise FileNotFoundError(f"probe files missing: {', '.join(missing)}; train them: python -m bwl probes")
+        self.probes = {i.name: load_probe(i.path) for i in instruments}
+        self.pair = pair
+        self.version = config_hash({"probes": {i.name: file_hash(i.path) for i in instruments},
+                                    "texture": TEXTURE_VERSION, "pair": pair.name})
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str],
                  base_images: Sequence[Image.Image] | None = None) -> list[Scores]:
-        return probe_scores(self.probe, images, prompts)
+        return ensemble_scores(self.probes, images, prompts, self.pair)
 
 
 class Scorers:
@@ -168,4 +220,4 @@ METRIC_SUITES: dict[str, tuple[str, ...]] = {"probe": ("probe",), "reference": (
 def without_families(scores: Sequence[Scores], families: Sequence[str]) -> list[Scores]:
     """``scores`` less the metrics of ``families`` (before those families score the images again)."""
     dropped = {m.value for family in families for m in METRICS_BY_FAMILY[family]}
-    return [{k: v for k, v in s.items() if k not in dropped} for s in scores]
+    return [{k: v for k, v in s.items() if k.split("@", 1)[0] not in dropped} for s in scores]

@@ -15,6 +15,7 @@ from bwl.adapters.methods import parse_method_label
 from bwl.core.config import ConfigError, build, coerce_fields, read_file, require
 from bwl.sd.encoders import DEFAULT_CLIP, DEFAULT_DINO
 from bwl.study.vocabulary import GRIDS
+from bwl.toy.concepts import parse_pair
 from bwl.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +37,8 @@ class Profile:
     build_tiny: bool = False
     resolution: int = 32
     concepts: str = "toy"
+    pairs: list[str] = field(default_factory=list)  # toy identity+style pairs (bwl.toy.concepts) the replicated
+    # study repeats every grid for, e.g. [zkc+qrv, star+dots]; empty: the toy study's one pair
     identity_dir: str = ""
     style_dir: str = ""
     identity_trigger: str = "zkc"
@@ -131,6 +134,13 @@ def _check(profile: Profile, source: str) -> None:
             parse_method_label(method)
         except BlockSpecError as err:
             raise ConfigError(f"{source}: methods: {err}") from None
+    for text in profile.pairs:
+        try:
+            parse_pair(text)
+        except ValueError as err:
+            raise ConfigError(f"{source}: pairs: {err}") from None
+    if profile.pairs and profile.concepts != "toy":
+        raise ConfigError(f"{source}: pairs are toy-world concepts; concepts={profile.concepts!r}")
     if profile.methods_block and profile.methods_block not in PAPER_BLOCKS:
         raise ConfigError(f"{source}: methods_block={profile.methods_block!r} is not one of {', '.join(PAPER_BLOCKS)}")
     unknown = [g for g in profile.grids if g not in GRIDS]

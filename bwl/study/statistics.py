@@ -55,19 +55,21 @@ def _as_arrays(table: Nested) -> list[list[np.ndarray]]:
 
 
 def bootstrap_means(table: Nested, resamples: int = 2000, seed: int = 0) -> np.ndarray:
-    """The pooled mean of ``resamples`` nested resamples: pairs, then seeds within a pair, then images."""
+    """The pooled mean of ``resamples`` nested resamples: pairs, then seeds within a pair, then images (each drawn
+    seed with its own image resample), vectorized over resamples."""
     rng = np.random.default_rng(seed)
     pairs = _as_arrays(table)
-    draws = np.empty(resamples)
-    for r in range(resamples):
-        pair_means = []
-        for p in rng.integers(0, len(pairs), len(pairs)):
-            seeds = pairs[p]
-            seed_means = [seeds[s][rng.integers(0, len(seeds[s]), len(seeds[s]))].mean()
-                          for s in rng.integers(0, len(seeds), len(seeds))]
-            pair_means.append(np.mean(seed_means))
-        draws[r] = np.mean(pair_means)
-    return draws
+    count, every = len(pairs), np.arange(resamples)
+    slot_means = np.empty((count, resamples, count))  # pair p's resampled mean if drawn into slot j of resample r
+    for p, seeds in enumerate(pairs):
+        draws = rng.integers(0, len(seeds), (resamples, count, len(seeds)))
+        means = np.zeros(draws.shape)
+        for s, images in enumerate(seeds):
+            resampled = images[rng.integers(0, len(images), (*draws.shape, len(images)))].mean(-1)
+            means = np.where(draws == s, resampled, means)
+        slot_means[p] = means.mean(-1)
+    chosen = rng.integers(0, count, (resamples, count))
+    return slot_means[chosen, every[:, None], np.arange(count)[None, :]].mean(1)
 
 
 def hierarchical_bootstrap(table: Nested, resamples: int = 2000, seed: int = 0) -> PooledEffect:

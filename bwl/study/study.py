@@ -32,6 +32,7 @@ from bwl.study.results import CellResult, read_results, write_results
 from bwl.study.vocabulary import FIDELITY_BY_FAMILY, GRIDS, AdapterKey, Concept, Grid, adapters_of
 from bwl.study.workers import Log, train_adapters
 from bwl.toy.assets import write_concept
+from bwl.toy.concepts import DEFAULT_PAIR, ConceptPair
 from bwl.toy.tagger import ToyTagger
 from bwl.train.config import TrainConfig
 
@@ -40,10 +41,14 @@ class Study:
     """One profile's study: data -> adapters -> grid images -> metrics -> figures, each stage reusing what exists."""
 
     def __init__(self, profile: Profile, train_seed: int | None = None, steps: dict[Concept, int] | None = None,
-                 scorer: Scorers | None = None):
+                 scorer: Scorers | None = None, pair: ConceptPair = DEFAULT_PAIR, figures: Path | None = None):
         """``train_seed``: the adapters' training seed (default: the profile's first); ``steps``: training steps per
-        concept where they differ from the profile's; ``scorer``: one to share with other studies of the profile."""
+        concept where they differ from the profile's; ``scorer``: one to share with other studies of the profile;
+        ``pair``: the toy world's identity and style (:mod:`bwl.toy.concepts`); ``figures``: where the results
+        tables go (default: the profile's figures folder)."""
         self.profile = profile
+        self.pair = pair
+        self.figures = profile.figures if figures is None else figures
         self.train_seed = profile.train_seeds[0] if train_seed is None else train_seed
         self.steps = dict(steps or {})
         self.out = profile.out
@@ -66,7 +71,9 @@ class Study:
     # ----- data --------------------------------------------------------------------------------------------------
 
     def concept_dir(self, concept: Concept | str) -> Path:
-        return self.out / "data" / Concept(concept).value
+        concept = Concept(concept)
+        concept_id = self.pair.concept_id(concept.value)
+        return self.out / "data" / (f"{concept.value}-{concept_id}" if concept_id else concept.value)
 
     @property
     def reg_dir(self) -> Path | None:
@@ -86,7 +93,9 @@ class Study:
         for concept, blacklist in ((Concept.IDENTITY, p.blacklist_identity), (Concept.STYLE, p.blacklist_style)):
             folder = self.concept_dir(concept)
             if p.concepts == "toy":
-                write_concept(folder, concept.value)
+                write_concept(folder, concept.value, pair=self.pair)
+                own = self.pair.identity if concept is Concept.IDENTITY else self.pair.style
+                blacklist = list(dict.fromkeys([*blacklist, *own.own_tags()]))
                 reports[concept] = []
             else:
                 source = p.path(getattr(p, f"{concept.value}_dir"))
@@ -111,8 +120,11 @@ class Study:
         return adapters_of(self.grids())
 
     def seeded(self, key: AdapterKey) -> AdapterKey:
-        """The grids' adapter key (seed 0: "the run's seed") with this study's training seed."""
-        return dataclasses.replace(key, seed=self.train_seed) if key.seed == 0 else key
+        """The grids' adapter key (seed 0: "the run's seed"; no concept id: "the study's concept") with this study's
+        training seed and concept pair."""
+        key = dataclasses.replace(key, seed=self.train_seed) if key.seed == 0 else key
+        concept_id = self.pair.concept_id(key.concept.value)
+        return dataclasses.replace(key, concept_id=concept_id) if concept_id and not key.concept_id else key
 
     def train_config(self, key: AdapterKey) -> TrainConfig:
         """The resolved ``TrainConfig`` of one adapter, its ``output_dir`` keyed by everything that can change it
@@ -135,7 +147,7 @@ class Study:
             p, parts = self.profile, []
             families = METRIC_SUITES[p.metrics]
             if "probe" in families:
-                parts.append(ProbeScorer())
+                parts.append(ProbeScorer(pair=self.pair))
             if "reference" in families:
                 words = {p.identity_trigger: p.identity_words or p.class_word or "a person",
                          p.style_trigger: p.style_words}
@@ -176,7 +188,8 @@ class Study:
         hashes = {k: file_hash(f) for k, f in files.items()}
         resident = keys if resident is None else resident
         return CellRenderer(load_pipeline(self.model, device=device()), self.profile, self.cells,
-                            self.model_fingerprint, files, hashes, self.scorer(), resident)
+                            self.model_fingerprint, files, hashes, self.scorer(), resident,
+                            scope="" if self.pair.is_default else self.pair.name)
 
     def run_grids(self, log: Log = log) -> Path:
         """Generate every column of every grid (same prompts and seeds everywhere, batched), score it, and write the
@@ -193,22 +206,24 @@ class Study:
                 for column in grid.columns():
                     key, generated = next(rendered)
                     made += generated
-                    results.append(CellResult(grid.name, column.label, key, renderer.summary(key)))
+                    results.append(CellResult(grid.name, column.label, key, renderer.summary(key),
+                                              renderer.spreads(key)))
                 count = len(grid.columns())
                 log(f"{grid.name}: {count} cells, {made} generated ({len(p.prompts) * len(p.seeds)} images each), "
                     f"{count - made} reused")
         if renderer.scorer is not None:
             log("scoring time: " + ", ".join(f"{f} {t:.1f} s" for f, t in renderer.scorer.seconds.items()))
-        path = p.figures / "results.csv"
+        path = self.figures / "results.csv"
         if is_main():
-            path = write_results(p.figures, results, p.to_dict())
+            path = write_results(self.figures, results, {**p.to_dict(), "pair": self.pair.name,
+                                                         "train_seed": self.train_seed})
             if any(decidable(results, fidelity=pair) for pair in FIDELITY_BY_FAMILY.values()):
-                write_text(p.figures / "findings.md", findings_by_family(results))
+                write_text(self.figures / "findings.md", findings_by_family(results))
         barrier()
         return path
 
     def results(self) -> list[CellResult]:
-        return read_results(self.profile.figures)
+        return read_results(self.figures)
 
     def cell_images(self, key: str) -> list[Image.Image]:
         return self.cells.images(key)

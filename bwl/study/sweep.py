@@ -1,5 +1,9 @@
 """The block sweep (the paper's open question 1): a style LoCon trained on each paper block and each pair of blocks,
-each combined with the full-block LoCon identity, generated and scored through the grids' cell path."""
+each combined with the full-block LoCon identity, generated and scored through the grids' cell path.
+
+Each spec is also compared with the paper's upper group (IN0+OUT3) on identity and style, per image (the cells share
+prompts and seeds), with a bootstrap 95 % CI and p-value; the p-values of all the sweep's comparisons are
+Holm-adjusted together (``sweep-tests.csv``). One training run per spec: the tests see sampling noise only."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from pathlib import Path
 from bwl.adapters.blocks import PAPER_BLOCKS, parse_blocks
 from bwl.core.atomic import write_csv
 from bwl.study.console import log, progress
-from bwl.study.metrics import Estimate
+from bwl.study.metrics import Estimate, Scores
+from bwl.study.statistics import hierarchical_bootstrap, holm
 from bwl.study.study import Study
 from bwl.study.vocabulary import Cell, Metric, cell, identity, style
 from bwl.study.workers import Log
@@ -54,15 +59,39 @@ def run_sweep(study: Study, log: Log = log) -> Path:
     study.train_all(keys, log)
     renderer = study.renderer(keys, resident=[identity("locon")])
     prompts = [q for q in p.prompts if p.style_trigger in q]
-    results = []
+    results, scores = [], {}
     with progress(len(cells), "sweep cells") as bar:
         for column, spec in zip(cells, sweep_specs(p.sweep_pairs)):
             key, _ = renderer.render(column, prompts, p.sweep_seeds)
             summary = renderer.summary(key)
+            scores[spec] = study.cells.scores(key)
             results.append(SweepResult(spec, summary[Metric.IDENTITY], summary[Metric.STYLE]))
             log(f"sweep {spec}: identity {results[-1].identity}, style {results[-1].style}")
             bar.update()
+    if UPPER in scores:
+        write_csv(p.figures / "sweep-tests.csv", sweep_tests(scores))
     return write_sweep(p.figures / "sweep.csv", results)
+
+
+UPPER = "IN0+OUT3"
+
+
+def sweep_tests(scores: dict[str, list[Scores]], reference: str = UPPER, resamples: int = 2000) -> list[dict]:
+    """Every spec against ``reference`` on identity and style: the mean per-image difference, its bootstrap 95 % CI,
+    its p-value, and the p-value Holm-adjusted over all of the sweep's comparisons."""
+    rows = []
+    for spec, found in scores.items():
+        if spec == reference:
+            continue
+        for metric in (Metric.IDENTITY, Metric.STYLE):
+            deltas = [a[metric.value] - b[metric.value] for a, b in zip(found, scores[reference], strict=True)
+                      if metric.value in a and metric.value in b]
+            effect = hierarchical_bootstrap({"sweep": {0: deltas}}, resamples)
+            rows.append({"blocks": spec, "vs": reference, "metric": metric.value, "effect": effect.mean,
+                         "low": effect.low, "high": effect.high, "p": effect.p, "images": effect.images})
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
+    return rows
 
 
 def write_sweep(path: Path, results: list[SweepResult]) -> Path:

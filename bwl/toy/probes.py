@@ -1,46 +1,74 @@
-"""Probes: a small CNN that reads every world attribute from a 32 px image. It is the toy study's instrument
-(metrics) and the data-prep notebook's ``toy`` tagger. Trained on fresh renders of every concept, held-out
-ones included, half of them passed through the toy VAE so that decoded samples look familiar to it."""
+"""Probes: small networks that read every world attribute from a 32 px image. They are the toy study's instruments
+(metrics), and the first is the data-prep notebook's ``toy`` tagger. Three architectures (:data:`ARCHITECTURES`) so
+that independently trained probes do not share one network's blind spots; training is in
+:mod:`bwl.toy.probe_training`."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bwl.core.atomic import atomic_path
-from bwl.toy.world import ATTRIBUTES, SIZE, Character, any_batch
+from bwl.toy.world import ATTRIBUTES, SIZE
 from bwl.train.cache import to_pixels
 
 
-class Probe(torch.nn.Module):
-    """Conv trunk + one linear head per attribute."""
+def _vgg(c_in: int, c_out: int) -> list[torch.nn.Module]:
+    return [torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(),
+            torch.nn.Conv2d(c_out, c_out, 3, padding=1), torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2)]
 
-    def __init__(self, attributes: dict[str, Sequence[str]] = ATTRIBUTES):
+
+class _Residual(torch.nn.Module):
+    """A pre-activation residual block (GroupNorm, SiLU), strided when the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.GroupNorm(8, c_in), torch.nn.SiLU(), torch.nn.Conv2d(c_in, c_out, 3, stride, 1),
+            torch.nn.GroupNorm(8, c_out), torch.nn.SiLU(), torch.nn.Conv2d(c_out, c_out, 3, 1, 1))
+        self.skip = torch.nn.Conv2d(c_in, c_out, 1, stride) if (c_in, stride) != (c_out, 1) else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.skip(x)
+
+
+def _trunk(architecture: str) -> torch.nn.Sequential:
+    """A trunk that maps a [N, 3, 32, 32] image to [N, 256] features."""
+    if architecture == "cnn":  # VGG-style: 3x3 conv pairs, batch norm, max pooling, a dense layer
+        return torch.nn.Sequential(*_vgg(3, 32), *_vgg(32, 64), *_vgg(64, 128), torch.nn.Flatten(),
+                                   torch.nn.Linear(128 * 4 * 4, 256), torch.nn.ReLU(), torch.nn.Dropout(0.2))
+    if architecture == "resnet":  # residual blocks, group norm, strided convs, global average pooling
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), _Residual(32, 32, 1), _Residual(32, 64, 2),
+                                   _Residual(64, 128, 2), _Residual(128, 256, 2), torch.nn.GroupNorm(8, 256),
+                                   torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    if architecture == "patch":  # a patchify stem (4 px patches, the texture grid) and 5x5 depthwise mixing
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 96, 4, stride=4), torch.nn.GELU(), torch.nn.BatchNorm2d(96),
+            torch.nn.Conv2d(96, 96, 5, padding=2, groups=96), torch.nn.GELU(), torch.nn.BatchNorm2d(96),
+            torch.nn.Conv2d(96, 192, 1), torch.nn.GELU(), torch.nn.BatchNorm2d(192),
+            torch.nn.Conv2d(192, 192, 5, padding=2, groups=192), torch.nn.GELU(), torch.nn.BatchNorm2d(192),
+            torch.nn.Flatten(), torch.nn.Linear(192 * 8 * 8, 256), torch.nn.GELU(), torch.nn.Dropout(0.2))
+    raise ValueError(f"unknown probe architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+
+
+ARCHITECTURES = ("cnn", "resnet", "patch")
+
+
+class Probe(torch.nn.Module):
+    """A trunk (:data:`ARCHITECTURES`) + one linear head per attribute."""
+
+    def __init__(self, attributes: dict[str, Sequence[str]] = ATTRIBUTES, architecture: str = "cnn"):
         super().__init__()
         self.attributes = {k: tuple(v) for k, v in attributes.items()}
-
-        def block(c_in: int, c_out: int) -> list[torch.nn.Module]:
-            return [
-                torch.nn.Conv2d(c_in, c_out, 3, padding=1),
-                torch.nn.BatchNorm2d(c_out),
-                torch.nn.ReLU(),
-                torch.nn.Conv2d(c_out, c_out, 3, padding=1),
-                torch.nn.BatchNorm2d(c_out),
-                torch.nn.ReLU(),
-                torch.nn.MaxPool2d(2),
-            ]
-
-        self.trunk = torch.nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), torch.nn.Flatten(),
-                                         torch.nn.Linear(128 * 4 * 4, 256), torch.nn.ReLU(), torch.nn.Dropout(0.2))
+        self.architecture = architecture
+        self.trunk = _trunk(architecture)
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(256, len(v)) for k, v in self.attributes.items()})
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -70,73 +98,18 @@ class Probe(torch.nn.Module):
         return [{k: self.attributes[k][int(probs[k][i].argmax())] for k in self.attributes} for i in range(len(images))]
 
 
-def _labels(characters: Sequence[Character], attributes: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor([values.index(getattr(c, k)) for c in characters]) for k, values in attributes.items()}
-
-
-def _through_vae(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        return vae.decode(dist.sample(generator)).sample.float().clamp(-1, 1)
-
-
-def train_probe(
-    steps: int = 1500, batch_size: int = 128, seed: int = 0, vae=None, lr: float = 2e-3, log_every: int = 100
-) -> Probe:
-    """Train a probe on fresh renders of every concept (half through ``vae`` when one is given)."""
-    torch.manual_seed(seed)
-    probe = Probe()
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    t0 = time.time()
-    for step in range(steps):
-        rng = np.random.default_rng([seed, 5, step])
-        g = torch.Generator().manual_seed(seed * 7919 + step)
-        images, characters = any_batch(rng, batch_size)
-        pixels = to_pixels(images)
-        if vae is not None:
-            half = batch_size // 2
-            pixels[:half] = _through_vae(vae, pixels[:half], g)
-        pixels = pixels + 0.03 * torch.randn(pixels.shape, generator=g)
-        logits = probe.train()(pixels)
-        labels = _labels(characters, probe.attributes)
-        loss = sum(F.cross_entropy(logits[k], labels[k]) for k in logits)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % log_every == 0:
-            print(
-                f"probe step {step + 1}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)",
-                flush=True,
-            )
-    return probe.eval()
-
-
-def accuracy(probe: Probe, count: int = 512, seed: int = 12345, vae=None) -> dict[str, float]:
-    """Per-attribute accuracy on fresh renders (through ``vae`` when given), never seen in training."""
-    images, characters = any_batch(np.random.default_rng([seed, 6]), count)
-    if vae is not None:
-        pixels = _through_vae(vae, to_pixels(images), torch.Generator().manual_seed(seed))
-        images = [
-            Image.fromarray(((p.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
-            for p in pixels
-        ]
-    readings = probe.read(images)
-    return {k: float(np.mean([r[k] == getattr(c, k) for r, c in zip(readings, characters)])) for k in probe.attributes}
-
-
 def save_probe(probe: Probe, path: str | Path, report: dict | None = None) -> Path:
-    metadata = {"attributes": json.dumps(probe.attributes), "report": json.dumps(report or {})}
+    metadata = {"attributes": json.dumps(probe.attributes), "architecture": probe.architecture,
+                "report": json.dumps(report or {})}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(tmp), metadata=metadata)
     return Path(path)
 
 
 def load_probe(path: str | Path) -> Probe:
-    """A probe saved by :func:`save_probe`, in eval mode."""
+    """A probe saved by :func:`save_probe`, in eval mode (files from before the architectures were named: ``cnn``)."""
     with safe_open(str(path), framework="pt") as f:
-        attributes = json.loads(f.metadata()["attributes"])
-    probe = Probe(attributes)
+        metadata = f.metadata()
+    probe = Probe(json.loads(metadata["attributes"]), metadata.get("architecture", "cnn"))
     probe.load_state_dict(load_file(str(path)))
     return probe.eval()

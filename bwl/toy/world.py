@@ -9,9 +9,9 @@ Held out from pretraining (the U-Net and text encoder never see them; the VAE an
 - the style ``qrv``: a 4 px checker rendering (a texture never seen).
 
 For replication there are more held-out concepts (:data:`REPLICATE_SHAPES`, :data:`REPLICATE_STYLES`): star and
-heart heads, and white dots or diagonal hatching on the same 4 px grid. No sampler of pretraining draws them, and
-neither does the shipped VAE's or probe's training (:data:`ATTRIBUTES` is what the shipped probe reads);
-:mod:`bwl.toy.texture` measures every texture without training.
+heart heads, and white dots or diagonal hatching on the same 4 px grid; :mod:`bwl.toy.concepts` makes identities and
+styles of them. No sampler of pretraining draws them. The probes read them (they are in :data:`ATTRIBUTES`); the
+shipped VAE was trained before they existed and is measured on them (``python -m bwl probes``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ HATS = ("none", "cap", "tophat")
 EYES = ("round", "sleepy")
 STYLES = ("flat", "outline", "stripes")
 HELD_OUT_STYLE = "checker"
-REPLICATE_SHAPES = ("star", "heart")  # held out too, for replicated findings; not yet read by the shipped probe
+REPLICATE_SHAPES = ("star", "heart")  # held out too, for replicated findings
 REPLICATE_STYLES = ("dots", "hatch")
 TEXTURES = ("stripes", HELD_OUT_STYLE, *REPLICATE_STYLES)  # the styles that paint white cells on the 4 px grid
 DRAWN_TEXTURES = ("stripes", HELD_OUT_STYLE)  # those the toy study's model can draw: the seen one and the style
@@ -44,11 +44,11 @@ BACKGROUNDS = {
 }
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES + (HELD_OUT_SHAPE,),
+    "shape": SHAPES + (HELD_OUT_SHAPE, *REPLICATE_SHAPES),
     "color": tuple(COLORS),
     "hat": HATS,
     "eyes": EYES,
-    "style": STYLES + (HELD_OUT_STYLE,),
+    "style": STYLES + (HELD_OUT_STYLE, *REPLICATE_STYLES),
     "background": tuple(BACKGROUNDS),
 }
 
@@ -100,15 +100,16 @@ def tag_attribute(tag: str) -> tuple[str, str] | None:
 
 
 def vocabulary() -> list[str]:
-    """Every word a toy prompt uses: tag words, triggers and a few fillers."""
+    """Every word a toy prompt uses: tag words, triggers and a few fillers (the replication's shapes and textures
+    are never prompted for: the trigger carries them, so the shipped tokenizer's words stay as they were)."""
     words = {"no", "hat", "eyes", "background", "style", "a", "in", "with", "on", IDENTITY_TRIGGER, STYLE_TRIGGER}
     for values in ATTRIBUTES.values():
-        words.update(values)
+        words.update(v for v in values if v not in REPLICATE_SHAPES + REPLICATE_STYLES)
     return sorted(words)
 
 
 def sample_character(rng: np.random.Generator, held_out: bool = False) -> Character:
-    """A random character. With ``held_out=False`` (pretraining) the held-out shape and style never occur."""
+    """A random character. With ``held_out=False`` (pretraining) no held-out shape or style occurs."""
     shapes = ATTRIBUTES["shape"] if held_out else SHAPES
     styles = ATTRIBUTES["style"] if held_out else STYLES
     return Character(
@@ -144,7 +145,7 @@ def _head_mask(shape: str, cx: float, cy: float, r: float, size: int) -> Image.I
                           cy - r * 0.75 + lobe * 1.8), fill=255)
         draw.polygon([(cx - r * 1.08, cy - r * 0.25), (cx + r * 1.08, cy - r * 0.25), (cx, cy + r * 1.15)], fill=255)
     else:
-        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(ATTRIBUTES['shape'] + REPLICATE_SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(ATTRIBUTES['shape'])}")
     return mask
 
 
@@ -169,7 +170,7 @@ def _texture(
         inner = mask.filter(ImageFilter.MinFilter(2 * 3 * _SCALE + 1))
         paint[np.asarray(inner) > 127] = background
     elif style != "flat":
-        raise ValueError(f"unknown style {style!r}; valid: {', '.join(ATTRIBUTES['style'] + REPLICATE_STYLES)}")
+        raise ValueError(f"unknown style {style!r}; valid: {', '.join(ATTRIBUTES['style'])}")
     return Image.fromarray(paint)
 
 
@@ -202,22 +203,23 @@ def render(character: Character, seed: int = 0) -> Image.Image:
     return img.resize((SIZE, SIZE), Image.Resampling.BOX)
 
 
-def identity(background: str, style: str = "flat") -> Character:
-    return Character(IDENTITY["shape"], IDENTITY["color"], IDENTITY["hat"], IDENTITY["eyes"], style, background)
+def identity(background: str, style: str = "flat", look: dict[str, str] = IDENTITY) -> Character:
+    """The identity (``look``: its shape, color, hat and eyes) in a style on a background."""
+    return Character(look["shape"], look["color"], look["hat"], look["eyes"], style, background)
 
 
-def identity_set(count: int = 20, seed: int = 100) -> list[tuple[Character, int]]:
+def identity_set(count: int = 20, seed: int = 100, look: dict[str, str] = IDENTITY) -> list[tuple[Character, int]]:
     """The identity's 20 'photos': the held-out character, flat, on its training backgrounds."""
-    return [(identity(IDENTITY_BACKGROUNDS[i % len(IDENTITY_BACKGROUNDS)]), seed + i) for i in range(count)]
+    return [(identity(IDENTITY_BACKGROUNDS[i % len(IDENTITY_BACKGROUNDS)], look=look), seed + i) for i in range(count)]
 
 
-def style_set(count: int = 20, seed: int = 200) -> list[tuple[Character, int]]:
-    """The style's 20 images: varied seen characters in the held-out checker rendering."""
+def style_set(count: int = 20, seed: int = 200, texture: str = HELD_OUT_STYLE) -> list[tuple[Character, int]]:
+    """The style's 20 images: varied seen characters in the held-out rendering (``texture``)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
         c = sample_character(rng)
-        out.append((Character(c.shape, c.color, c.hat, c.eyes, HELD_OUT_STYLE, c.background), seed + i))
+        out.append((Character(c.shape, c.color, c.hat, c.eyes, texture, c.background), seed + i))
     return out
 
 

@@ -1,0 +1,108 @@
+"""The replicated study: all four grids for every identity-style pair x training seed of a profile, then the paper's
+comparisons pooled over them (:mod:`bwl.study.pooled`).
+
+``python -m bwl replicate`` (profile ``replicate``) prepares each pair's data, trains every adapter that is missing
+(in one batch: under ``accelerate launch`` the processes split it), renders and scores each replicate's grids
+(split too), and writes ``figures/replicate.csv`` and ``figures/replicate/``: one results table per replicate, the
+pooled findings and a forest plot per claim. Everything is keyed, so a rerun reuses what exists and an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bwl.core.config import ConfigError
+from bwl.study.console import log
+from bwl.study.distributed import barrier, is_main
+from bwl.study.metrics import Scores
+from bwl.study.pooled import ReplicateCells, write_pooled
+from bwl.study.profile import Profile
+from bwl.study.study import Study
+from bwl.study.workers import Log, train_adapters
+from bwl.toy.concepts import DEFAULT_PAIR, ConceptPair, parse_pair
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """One pair x training seed: its study, whose results go to ``figures/replicate/<identity>-<style>-s<seed>``."""
+
+    pair: ConceptPair
+    seed: int
+    study: Study
+
+    @property
+    def name(self) -> str:
+        return self.study.figures.name
+
+
+def profile_pairs(profile: Profile) -> list[ConceptPair]:
+    """The profile's identity-style pairs (its one toy pair when ``pairs`` is empty)."""
+    return [parse_pair(text) for text in profile.pairs] or [DEFAULT_PAIR]
+
+
+def prepare(profile: Profile, log: Log = log) -> None:
+    """Each pair's data (idempotent), by the main process."""
+    if is_main():
+        for pair in profile_pairs(profile):
+            log(f"data: {pair}")
+            Study(profile, pair=pair).prepare_data()
+    barrier()
+
+
+def replicates(profile: Profile, shared_scorers: bool = False) -> list[Replicate]:
+    """Every pair x training seed, pair by pair. With ``shared_scorers`` a pair's replicates share one scorer (built
+    from the pair's data, which must exist; training needs none)."""
+    found = []
+    for pair in profile_pairs(profile):
+        scorer = None
+        for seed in profile.train_seeds:
+            name = f"{pair.identity.name}-{pair.style.name}-s{seed}"
+            study = Study(profile, seed, scorer=scorer, pair=pair, figures=profile.figures / "replicate" / name)
+            found.append(Replicate(pair, seed, study))
+            scorer = study.scorer() if shared_scorers else None
+    return found
+
+
+def train_missing(runs: list[Replicate], workers: int, log: Log = log) -> None:
+    """Every adapter of every replicate that is not trained yet, in one batch."""
+    todo = {}
+    for replicate in runs:
+        study = replicate.study
+        for key in study.needed_adapters():
+            config = study.train_config(key)
+            if not (Path(config.output_dir) / "adapter.safetensors").exists():
+                todo.setdefault(config.output_dir, (str(study.seeded(key)), config))
+    total = sum(len(r.study.needed_adapters()) for r in runs)
+    log(f"adapters: {total - len(todo)} of {total} reused, {len(todo)} to train for {len(runs)} replicates")
+    train_adapters(dict(todo.values()), workers, log)
+
+
+def cells_of(replicate: Replicate) -> ReplicateCells:
+    """The replicate's per-image scores, by (grid, cell label), from its results table."""
+    study = replicate.study
+    scores: dict[tuple[str, str], list[Scores]] = {
+        (row.grid, row.cell): study.cells.scores(row.key) for row in study.results()}
+    return ReplicateCells(replicate.pair.name, replicate.seed, scores)
+
+
+def run_replicate(profile: Profile, log: Log = log) -> Path:
+    """Data, adapters and grids for every replicate (reusing what exists), then the pooled findings."""
+    if len(profile_pairs(profile)) * len(profile.train_seeds) < 2:
+        raise ConfigError(f"profile {profile.name}: a replicated study needs several pairs or train_seeds; it has "
+                          f"pairs={profile.pairs} and train_seeds={profile.train_seeds}")
+    started = time.time()
+    prepare(profile, log)
+    train_missing(replicates(profile), profile.train_workers, log)
+    runs = replicates(profile, shared_scorers=True)
+    for i, replicate in enumerate(runs, 1):
+        log(f"replicate {i}/{len(runs)}: {replicate.name}")
+        replicate.study.run_grids(log)
+    out = profile.figures / "replicate.csv"
+    if is_main():
+        out = write_pooled([cells_of(r) for r in runs], profile.figures, profile.name)
+        log(f"replicate: {len(runs)} replicates in {(time.time() - started) / 60:.1f} min; {out}")
+    barrier()
+    return out
