@@ -303,3 +303,35 @@ def test_the_replicated_study_runs_every_pair_and_seed_and_reuses_by_key(tmp_pat
     run_replicate(profile)
     assert len(list((tmp_path / "runs" / "adapters").iterdir())) == trained
     assert len(replicates(profile)) == 4
+
+
+def test_each_probe_metric_is_the_probes_mean_with_their_spread_beside_it():
+    import torch
+    from PIL import Image
+
+    from bwl.study.metrics import INSTRUMENT_METRICS, ensemble_scores, instrument_key, spreads, without_families
+    from bwl.toy.concepts import parse_pair
+    from bwl.toy.probes import Probe
+    from bwl.toy.world import Character, render
+
+    torch.manual_seed(0)
+    probes = {"a": Probe(architecture="cnn"), "b": Probe(architecture="patch")}
+    pair = parse_pair("star+dots")
+    images = [render(Character("star", "purple", "tophat", "sleepy", "dots", "sky"), i) for i in range(4)]
+    images += [Image.new("RGB", (32, 32), (150, 150, 150))] * 2
+    prompts = ["zkc, qrv, sky background"] * 4 + ["circle, red, tophat, sleepy eyes, flat, sky background"] * 2
+    scores = ensemble_scores(probes, images, prompts, pair)
+    for score in scores:
+        for metric in INSTRUMENT_METRICS:
+            if metric.value in score:
+                own = [score[instrument_key(metric, name)] for name in probes]
+                assert score[metric.value] == pytest.approx(np.mean(own))
+    assert all("style_texture" in s and "identity" in s for s in scores[:4])
+    assert all("preservation" in s and "style" not in s for s in scores[4:])
+    assert scores[0]["style_texture"] > 0.5  # dots read by the dots statistic
+    found = spreads(scores)
+    assert set(found) == {m for m in INSTRUMENT_METRICS if any(m.value in s for s in scores)}
+    assert all(v >= 0 for v in found.values())
+    assert without_families(scores, ["probe"]) == [{} for _ in scores]
+    with pytest.raises(ValueError, match="python -m bwl probes"):
+        ensemble_scores({"old": Probe({"shape": ("circle",), "style": ("flat",)})}, images, prompts, pair)

@@ -1,9 +1,10 @@
 """The eye-checked validation sheet: generated images from cells where the style appears in part, each labelled by
 looking at it, and each instrument's accuracy against those labels.
 
-Instruments read the held-out style (the checker) from an image: the probe (its probability of the checker, read as
-present at 0.5 or more) and the transparent texture statistic (:mod:`bwl.toy.texture`, the checker's coefficient
-fitted among the textures the study's model can draw, present at :data:`TEXTURE_THRESHOLD` or more).
+Instruments read the held-out style (the checker) from an image: each probe and their mean (the probability of the
+checker, read as present at 0.5 or more) and the transparent texture statistic (:mod:`bwl.toy.texture`, the
+checker's coefficient fitted among the textures the study's model can draw, present at :data:`TEXTURE_THRESHOLD` or
+more).
 
 ``python -m bwl eye-check --sample`` draws a sheet from the toy study's cells (``figures/eye-check/images.npz``,
 ``sheet-<n>.png`` and ``labels.csv``, whose ``label`` column is then filled in by eye); ``python -m bwl eye-check``
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 from bwl.core.atomic import atomic_path, write_csv, write_text
 from bwl.core.config import ConfigError
 from bwl.study.cells import CellStore
-from bwl.toy.assets import PROBE_PATH
+from bwl.toy.assets import INSTRUMENTS
 from bwl.toy.probes import load_probe
 from bwl.toy.texture import texture_energy
 from bwl.toy.world import DRAWN_TEXTURES, HELD_OUT_STYLE, STYLE_TRIGGER
@@ -85,11 +86,20 @@ def contact_sheets(images: Sequence[Image.Image], out: Path, per_sheet: int = 24
 
 
 def readings(images: Sequence[Image.Image]) -> dict[str, list[float]]:
-    """Each instrument's reading of the checker per image: the probe's probability and the texture statistic."""
-    probe = load_probe(PROBE_PATH)
-    index = probe.attributes["style"].index(HELD_OUT_STYLE)
-    return {"probe": probe.probabilities(images)["style"][:, index].tolist(),
-            "texture": [texture_energy(image, HELD_OUT_STYLE, DRAWN_TEXTURES) for image in images]}
+    """Each instrument's reading of the checker per image: each probe's probability, the probes' mean (what the
+    metrics report) and the texture statistic."""
+    found = {}
+    for instrument in INSTRUMENTS:
+        probe = load_probe(instrument.path)
+        index = probe.attributes["style"].index(HELD_OUT_STYLE)
+        found[instrument.name] = probe.probabilities(images)["style"][:, index].tolist()
+    found["probes (mean)"] = np.mean([found[i.name] for i in INSTRUMENTS], axis=0).tolist()
+    found["texture"] = [texture_energy(image, HELD_OUT_STYLE, DRAWN_TEXTURES) for image in images]
+    return found
+
+
+def threshold(instrument: str) -> float:
+    return TEXTURE_THRESHOLD if instrument == "texture" else PROBE_THRESHOLD
 
 
 def write_sample(store: CellStore, out: Path, per_cell: int = 2, seed: int = 0) -> Path:
@@ -136,13 +146,12 @@ def evaluate(out: Path) -> str:
     lines = [f"{len(images)} images, {labels.count('checker')} labelled checker, {labels.count('none')} none. "
              f"Labelling rule: {RULE}", "",
              "| instrument | reads checker when | accuracy | sensitivity | specificity |", "|---|---|---|---|---|"]
-    for name, threshold in (("probe", PROBE_THRESHOLD), ("texture", TEXTURE_THRESHOLD)):
-        result = accuracy(labels, found[name], threshold)
-        lines.append(f"| {name} | ≥ {threshold} | {result['accuracy']:.2f} | {result['sensitivity']:.2f} | "
+    for name, values in found.items():
+        result = accuracy(labels, values, threshold(name))
+        lines.append(f"| {name} | ≥ {threshold(name)} | {result['accuracy']:.2f} | {result['sensitivity']:.2f} | "
                      f"{result['specificity']:.2f} |")
-    wrong = {name: [r["image"] for r, v in zip(rows, found[name])
-                    if (v >= (PROBE_THRESHOLD if name == "probe" else TEXTURE_THRESHOLD)) != (r["label"] == "checker")]
-             for name in found}
+    wrong = {name: [r["image"] for r, v in zip(rows, values) if (v >= threshold(name)) != (r["label"] == "checker")]
+             for name, values in found.items()}
     lines += ["", *[f"- {name} disagrees with the eye on images {', '.join(ids) or 'none'}" for name, ids in
                     wrong.items()], ""]
     text = "\n".join(lines)

@@ -119,7 +119,7 @@ def findings_markdown(results: list[CellResult], claims: tuple[Claim, ...] = CLA
                   "| grid | cell | vs | Δ identity | Δ style | verdict |", "|---|---|---|---|---|---|"]
         for c in comparisons:
             a, b = _find(results, c.grid, c.cell), _find(results, c.grid, c.other)
-            cells = [f"{a[m]} vs {b[m]} ({c.deltas[m]:+.2f})" for m in fidelity]
+            cells = [f"{a.shown(m)} vs {b.shown(m)} ({c.deltas[m]:+.2f})" for m in fidelity]
             lines.append(f"| {c.grid} | {c.cell} | {c.other} | {cells[0]} | {cells[1]} | {c.verdict} |")
         lines.append("")
     return "\n".join(lines)
@@ -147,7 +147,7 @@ def robustness(verdicts: dict[str, str]) -> str:
 def robustness_markdown(results: list[CellResult], families: list[tuple[str, tuple[Metric, Metric]]],
                         claims: tuple[Claim, ...] = CLAIMS) -> str:
     """Every claim and comparison with its verdict under each family, and whether it is robust (the same under every
-    toy instrument: the probe's style and the texture statistic) or instrument-dependent."""
+    toy instrument: the probes' style and the texture statistic) or instrument-dependent."""
     names = [name for name, _ in families]
     lines = ["| claim | comparison | " + " | ".join(names) + " | toy instruments |",
              "|---|---|" + "---|" * len(names) + "---|"]
@@ -171,8 +171,9 @@ def findings_by_family(results: list[CellResult]) -> str:
     if len(families) == 1:
         return findings_markdown(results, fidelity=families[0][1])
     sections = ["### Verdicts under each instrument", "",
-                "A verdict is *robust* when the probe's style and the texture statistic give the same one, and "
-                "*instrument-dependent* otherwise; the reference family is shown beside them.", "",
+                "A verdict is *robust* when the probes' style (their mean) and the texture statistic give the same "
+                "one, and *instrument-dependent* otherwise; the reference family is shown beside them. Each probe "
+                "alone is decided in the replicated study (`python -m bwl replicate`).", "",
                 robustness_markdown(results, families)]
     for name, pair in families:
         title = f"### Decided by the {name} metrics ({pair[0].value}, {pair[1].value})"

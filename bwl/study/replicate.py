@@ -14,6 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from bwl.core.atomic import finish_figure
 from bwl.core.config import ConfigError
 from bwl.study.console import log
 from bwl.study.distributed import barrier, is_main
@@ -23,6 +26,7 @@ from bwl.study.profile import Profile
 from bwl.study.study import Study
 from bwl.study.workers import Log, train_adapters
 from bwl.toy.concepts import DEFAULT_PAIR, ConceptPair, parse_pair
+from bwl.toy.world import render
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,21 @@ def cells_of(replicate: Replicate) -> ReplicateCells:
     return ReplicateCells(replicate.pair.name, replicate.seed, scores)
 
 
+def concepts_figure(pairs: list[ConceptPair], shown: int = 4, out: Path | None = None) -> Figure:
+    """Each pair's first training images: the identity's, then the style's."""
+    fig = Figure(figsize=(2 * shown * 0.9, 1.0 * len(pairs) + 0.3))
+    axes = fig.subplots(len(pairs), 2 * shown, squeeze=False)
+    for row, pair in zip(axes, pairs):
+        images = pair.identity.images(shown) + pair.style.images(shown)
+        for a, (character, seed) in zip(row, images):
+            a.imshow(render(character, seed))
+            a.set_xticks([])
+            a.set_yticks([])
+        row[0].set_ylabel(pair.name, fontsize=8)
+    fig.suptitle("training images per pair: identity (left), style (right)", fontsize=9)
+    return finish_figure(fig, out)
+
+
 def run_replicate(profile: Profile, log: Log = log) -> Path:
     """Data, adapters and grids for every replicate (reusing what exists), then the pooled findings."""
     if len(profile_pairs(profile)) * len(profile.train_seeds) < 2:
@@ -102,6 +121,7 @@ def run_replicate(profile: Profile, log: Log = log) -> Path:
         replicate.study.run_grids(log)
     out = profile.figures / "replicate.csv"
     if is_main():
+        concepts_figure(profile_pairs(profile), out=profile.figures / "replicate" / "concepts.png")
         out = write_pooled([cells_of(r) for r in runs], profile.figures, profile.name)
         log(f"replicate: {len(runs)} replicates in {(time.time() - started) / 60:.1f} min; {out}")
     barrier()
