@@ -335,3 +335,15 @@ def test_each_probe_metric_is_the_probes_mean_with_their_spread_beside_it():
     assert without_families(scores, ["probe"]) == [{} for _ in scores]
     with pytest.raises(ValueError, match="python -m bwl probes"):
         ensemble_scores({"old": Probe({"shape": ("circle",), "style": ("flat",)})}, images, prompts, pair)
+
+
+def test_the_notebook_runner_refuses_a_profile_of_several_pairs():
+    from bwl.core.config import ConfigError
+    from bwl.study.profile import load_profile
+    from bwl.study.runner import run_study
+
+    assert len(load_profile("replicate").pairs) >= 3 and len(load_profile("replicate").train_seeds) >= 3
+    with pytest.raises(ConfigError, match="python -m bwl replicate"):
+        run_study("replicate")
+    with pytest.raises(ConfigError, match="pairs: unknown concept pair 'star\\+qrv2'"):
+        load_profile("toy", {"pairs": ["star+qrv2"]})

@@ -13,6 +13,7 @@ from pathlib import Path
 import papermill
 from papermill.exceptions import PapermillExecutionError
 
+from bwl.core.config import ConfigError
 from bwl.study.console import console_for_kernels
 from bwl.study.profile import ROOT, load_profile
 
@@ -26,6 +27,9 @@ class StudyFailed(RuntimeError):
 def run_study(profile: str = "toy", overrides: dict | None = None, notebooks: tuple[str, ...] = NOTEBOOKS) -> Path:
     """Run the notebooks for ``profile``; returns the folder of executed notebooks."""
     settings = load_profile(profile, overrides)  # fails early on unknown keys
+    if len(settings.pairs) > 1:
+        raise ConfigError(f"profile {settings.name} lists {len(settings.pairs)} concept pairs: the notebooks run one "
+                          f"study; run the replicated study with: python -m bwl replicate --profile {settings.name}")
     out = settings.out / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
