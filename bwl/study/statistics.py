@@ -6,7 +6,9 @@ of the mean over images, so that each pair and each seed weighs the same however
 
 - :func:`hierarchical_bootstrap`: the pooled effect's 95 % CI from resampling pairs, then seeds within each drawn
   pair, then images within each drawn seed, all with replacement (the nested bootstrap of Davison & Hinkley 1997,
-  §3.8). Its two-sided p-value is twice the smaller bootstrap tail beyond zero.
+  §3.8). Its two-sided p-value is twice the smaller bootstrap tail beyond zero, counted as (k + 1) / (R + 1) so that
+  it is never 0 (the smallest it can be is 2 / (R + 1); Holm multiplies it, so families of many tests need many
+  resamples).
 - :func:`holm`: Holm's step-down adjustment of a family of p-values (Holm 1979), which controls the family-wise
   error rate without assuming independence.
 """
@@ -76,7 +78,8 @@ def hierarchical_bootstrap(table: Nested, resamples: int = 2000, seed: int = 0) 
     """The pooled effect of ``table`` with its percentile 95 % CI and two-sided p-value (see the module)."""
     draws = bootstrap_means(table, resamples, seed)
     low, high = np.percentile(draws, [2.5, 97.5])
-    p = min(1.0, 2 * min(np.mean(draws <= 0), np.mean(draws >= 0)))
+    tail = min(np.sum(draws <= 0), np.sum(draws >= 0))
+    p = min(1.0, 2 * (tail + 1) / (resamples + 1))
     return PooledEffect(pooled_mean(table), float(low), float(high), float(p), len(table),
                         sum(len(seeds) for seeds in table.values()),
                         sum(len(images) for seeds in table.values() for images in seeds.values()))

@@ -76,7 +76,7 @@ def run_sweep(study: Study, log: Log = log) -> Path:
 UPPER = "IN0+OUT3"
 
 
-def sweep_tests(scores: dict[str, list[Scores]], reference: str = UPPER, resamples: int = 2000) -> list[dict]:
+def sweep_tests(scores: dict[str, list[Scores]], reference: str = UPPER, resamples: int = 20000) -> list[dict]:
     """Every spec against ``reference`` on identity and style: the mean per-image difference, its bootstrap 95 % CI,
     its p-value, and the p-value Holm-adjusted over all of the sweep's comparisons."""
     rows = []
