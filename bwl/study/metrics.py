@@ -89,8 +89,9 @@ def probe_scores(probe: Probe, images: Sequence[Image.Image], prompts: Sequence[
     if texture not in probe.attributes["style"] or pair.identity.shape not in probe.attributes["shape"]:
         raise ValueError(f"this probe does not read {pair}'s concepts (it reads styles {probe.attributes['style']} "
                          f"and shapes {probe.attributes['shape']}); train the probes again: python -m bwl probes")
-    readings = probe.read(images)
-    style_probability = probe.probabilities(images)["style"][:, probe.attributes["style"].index(texture)]
+    probabilities = probe.probabilities(images)
+    readings = probe.most_likely(probabilities)
+    style_probability = probabilities["style"][:, probe.attributes["style"].index(texture)]
     scores = []
     for i, (reading, prompt) in enumerate(zip(readings, prompts)):
         asked = asked_attributes(prompt)

@@ -94,8 +94,12 @@ class Probe(torch.nn.Module):
 
     def read(self, images: Sequence[Image.Image]) -> list[dict[str, str]]:
         """The most likely value of every attribute, per image."""
-        probs = self.probabilities(images)
-        return [{k: self.attributes[k][int(probs[k][i].argmax())] for k in self.attributes} for i in range(len(images))]
+        return self.most_likely(self.probabilities(images))
+
+    def most_likely(self, probs: dict[str, torch.Tensor]) -> list[dict[str, str]]:
+        """The most likely value of every attribute, per image, from :meth:`probabilities`' output."""
+        count = len(next(iter(probs.values())))
+        return [{k: self.attributes[k][int(probs[k][i].argmax())] for k in self.attributes} for i in range(count)]
 
 
 def save_probe(probe: Probe, path: str | Path, report: dict | None = None) -> Path:

@@ -21,7 +21,7 @@ class ToyTagger:
     def __call__(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
         probs = self.probe.probabilities(images)
         out = []
-        for i, reading in enumerate(self.probe.read(images)):
+        for i, reading in enumerate(self.probe.most_likely(probs)):
             character = Character(**reading)
             confidences = [float(probs[k][i].max()) for k in self.probe.attributes]
             out.append(dict(zip(character.tags(), confidences)))
