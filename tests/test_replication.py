@@ -96,7 +96,7 @@ def test_the_training_length_study_trains_each_adapter_once_and_pools_over_seeds
     lines = []
     out = run_lengths(profile, lines.append)
     # per seed: the identity once (shared by both lengths), the style on all and on upper at each length
-    assert any("adapters: 10 to train" in line for line in lines), lines
+    assert "adapters: 0 of 12 reused (same config and data), 10 to train" in lines, lines
     assert len(list((tmp_path / "runs" / "adapters").glob("*/adapter.safetensors"))) == 10
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -108,7 +108,7 @@ def test_the_training_length_study_trains_each_adapter_once_and_pools_over_seeds
     assert table.count("| lora |") == 2 and (out.parent / "lengths.png").stat().st_size > 10_000
     lines.clear()
     run_lengths(profile, lines.append)
-    assert any("adapters: 0 to train" in line for line in lines)
+    assert "adapters: 12 of 12 reused (same config and data), 0 to train" in lines, lines
 
 
 def test_instrument_accuracy_by_hand():
@@ -244,6 +244,7 @@ def _replicate_cells(style_texture_gap: float, pairs=("zkc+qrv", "star+dots", "h
 
 def test_pooled_effects_of_a_known_design_and_their_replicate_counts():
     from bwl.study.pooled import ROWS, decide
+    from bwl.study.statistics import ALPHA
     from bwl.study.vocabulary import Metric
 
     decided = decide(_replicate_cells(style_texture_gap=0.1), resamples=300)
@@ -255,6 +256,8 @@ def test_pooled_effects_of_a_known_design_and_their_replicate_counts():
     assert effects[Metric.STYLE].pooled.mean == pytest.approx(0.1)
     assert effects[Metric.IDENTITY].replicate_signs == [1] * 9
     assert decided.verdict(c1, "probes") == "beats"
+    # 300 resamples: the smallest p is 2/301, and Holm over the reading's 36 tests lifts it above 0.05
+    assert effects[Metric.IDENTITY].p_holm > ALPHA and decided.verdict(c1, "probes", ALPHA) == "tie"
     assert all(decided.verdict(c1, name) == "beats" for name in decided.toy)
     assert decided.robustness({n: decided.verdict(c1, n) for n in decided.names}) == "robust"
     assert set(effects[Metric.IDENTITY].per_pair) == {"zkc+qrv", "star+dots", "heart+hatch"}
@@ -275,6 +278,7 @@ def test_a_replicated_verdict_that_one_instrument_does_not_share_is_instrument_d
     pooled = [r for r in rows if r["pair"] == "pooled" and r["group"] == "C1" and r["reading"] == "probes"
               and r["metric"] in ("identity", "style")]
     assert pooled and all(r["replicates"] == "9" and float(r["p_holm"]) <= 0.05 for r in pooled)
+    assert {r["row_verdict"] for r in pooled} == {r["row_verdict_holm"] for r in pooled} == {"beats"}
     text = (tmp_path / "replicate" / "replicate.md").read_text()
     assert "instrument-dependent" in text and "9/9" in text
     assert {p.name for p in (tmp_path / "replicate").glob("forest-*.png")} == {
@@ -303,7 +307,9 @@ def test_the_replicated_study_runs_every_pair_and_seed_and_reuses_by_key(tmp_pat
     assert pooled and all(r["pairs"] == "2" and r["replicates"] == "4" for r in pooled)
     assert {r["pair"] for r in rows} == {"pooled", "zkc+qrv", "star+dots"}
     trained = len(adapters)
-    run_replicate(profile)
+    lines = []
+    run_replicate(profile, lines.append)
+    assert "adapters: 20 of 20 reused (same config and data), 0 to train" in lines, lines
     assert len(list((tmp_path / "runs" / "adapters").iterdir())) == trained
     assert len(replicates(profile)) == 4
 

@@ -23,7 +23,7 @@ from bwl.study.distributed import barrier, is_main
 from bwl.study.metrics import Estimate, mean_ci
 from bwl.study.profile import Profile
 from bwl.study.statistics import PooledEffect, hierarchical_bootstrap
-from bwl.study.study import Study
+from bwl.study.study import Study, train_missing
 from bwl.study.vocabulary import (
     FULL_ID_FULL_STYLE,
     FULL_ID_UPPER_TRAINED_STYLE,
@@ -35,7 +35,7 @@ from bwl.study.vocabulary import (
     identity,
     style,
 )
-from bwl.study.workers import Log, train_adapters
+from bwl.study.workers import Log
 
 CELLS = (FULL_ID_FULL_STYLE, FULL_ID_UPPER_TRAINED_STYLE)
 SHOWN = (Metric.IDENTITY, Metric.STYLE)
@@ -83,19 +83,6 @@ def studies(profile: Profile) -> list[tuple[int, int, Study]]:
     return found
 
 
-def train_missing(runs: list[tuple[int, int, Study]], grids: list[Grid], workers: int, log: Log = log) -> None:
-    """Train every adapter any length and seed needs and lacks, all in one batch (shared ones once)."""
-    todo = {}
-    for _, _, study in runs:
-        for key in adapters_of(grids):
-            config = study.train_config(key)
-            if not (Path(config.output_dir) / "adapter.safetensors").exists():
-                todo.setdefault(config.output_dir, (f"{study.seeded(key)} ({config.steps} steps)", config))
-    total = sum(len(adapters_of(grids)) for _ in runs)
-    log(f"adapters: {len(todo)} to train for {len(runs)} length x seed runs ({total} uses, shared ones once)")
-    train_adapters(dict(todo.values()), workers, log)
-
-
 def run_lengths(profile: Profile, log: Log = log) -> Path:
     """Train what is missing, render both cells per method, length and seed, and write ``<figures>/lengths/``."""
     if len(profile.train_lengths) < 2:
@@ -108,7 +95,7 @@ def run_lengths(profile: Profile, log: Log = log) -> Path:
         Study(profile).prepare_data()
     barrier()
     runs = studies(profile)
-    train_missing(runs, grids, profile.train_workers, log)
+    train_missing([(study, key) for _, _, study in runs for key in adapters_of(grids)], profile.train_workers, log)
     cells: list[LengthCell] = []
     with progress(len(runs) * sum(len(g.cells) for g in grids), "length cells") as bar:
         for steps, seed, study in runs:

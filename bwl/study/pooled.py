@@ -4,8 +4,9 @@ For each comparison behind C1-C3 and the interference rows, and for each of iden
 per-image difference (cell minus the cell it is compared with, at the same prompt and seed) is pooled over pairs,
 then seeds, then images, with a hierarchical bootstrap 95 % CI (:mod:`bwl.study.statistics`). A pooled comparison
 is *better* on a metric when its CI lies above 0 and *worse* when below; its verdict (beats, loses, trade-off, tie)
-and the claim's (holds, partly, does not hold) follow :mod:`bwl.study.findings`. The same paired test decides each
-replicate alone (its images' normal 95 % CI), which gives the replicate count. The p-values of every comparison and
+and the claim's (holds, partly, does not hold) follow :mod:`bwl.study.findings`. The verdict *after Holm* counts a
+metric only where its Holm-adjusted p is below :data:`~bwl.study.statistics.ALPHA` too. The same paired test decides
+each replicate alone (its images' normal 95 % CI), which gives the replicate count. The p-values of every comparison and
 metric of one instrument are Holm-adjusted together (the block comparisons of C3 among them); 5,000 resamples keep
 the smallest adjusted p (36 tests x 2 / 5,001) far below 0.05.
 
@@ -25,7 +26,7 @@ from matplotlib.figure import Figure
 from bwl.core.atomic import finish_figure, write_csv, write_text
 from bwl.study.findings import CLAIMS, claim_verdict_of, verdict_of
 from bwl.study.metrics import Scores, mean_ci
-from bwl.study.statistics import PooledEffect, hierarchical_bootstrap, holm
+from bwl.study.statistics import ALPHA, PooledEffect, hierarchical_bootstrap, holm
 from bwl.study.vocabulary import (
     BASE,
     FULL_ID_FULL_STYLE,
@@ -143,10 +144,13 @@ def effects(cells: Sequence[ReplicateCells], reading: Reading, resamples: int = 
             for e, p in zip(found, adjusted)]
 
 
-def verdict(found: dict[Metric, Effect], row: Row) -> str:
-    """beats / loses / trade-off / tie on the row's deciding roles, from the pooled CIs."""
-    return verdict_of(any(m in found and found[m].pooled.low > 0 for m in row.roles),
-                      any(m in found and found[m].pooled.high < 0 for m in row.roles))
+def verdict(found: dict[Metric, Effect], row: Row, alpha: float | None = None) -> str:
+    """beats / loses / trade-off / tie on the row's deciding roles, from the pooled CIs; with ``alpha``, a role
+    counts only where its Holm-adjusted p is below it too (the verdict that survives the correction)."""
+    def counts(m: Metric) -> bool:
+        return m in found and (alpha is None or found[m].p_holm < alpha)
+    return verdict_of(any(counts(m) and found[m].pooled.low > 0 for m in row.roles),
+                      any(counts(m) and found[m].pooled.high < 0 for m in row.roles))
 
 
 def replicate_verdicts(found: dict[Metric, Effect], row: Row) -> list[str]:
@@ -166,8 +170,8 @@ class Decided:
     def of(self, row: Row, reading: str) -> dict[Metric, Effect]:
         return {role: self.effects[(row, reading, role)] for role in ROLES if (row, reading, role) in self.effects}
 
-    def verdict(self, row: Row, reading: str) -> str:
-        return verdict(self.of(row, reading), row) if self.of(row, reading) else "–"
+    def verdict(self, row: Row, reading: str, alpha: float | None = None) -> str:
+        return verdict(self.of(row, reading), row, alpha) if self.of(row, reading) else "–"
 
     def robustness(self, verdicts: dict[str, str]) -> str:
         toy = {verdicts[name] for name in self.toy if verdicts.get(name, "–") != "–"}
@@ -205,6 +209,7 @@ def csv_rows(decided: Decided) -> list[dict]:
                          "replicates_better": sum(s > 0 for s in e.replicate_signs) if pair == "pooled" else "",
                          "replicates_worse": sum(s < 0 for s in e.replicate_signs) if pair == "pooled" else "",
                          "row_verdict": decided.verdict(row, reading) if pair == "pooled" else "",
+                         "row_verdict_holm": decided.verdict(row, reading, ALPHA) if pair == "pooled" else "",
                          "replicates_same_verdict": verdicts.count(decided.verdict(row, reading))
                          if pair == "pooled" else ""})
     return rows
@@ -229,9 +234,10 @@ def markdown(decided: Decided, replicates: int, pairs: list[str], seeds: list[in
             lines.append(f"| {group} | {row.grid}: {row.cell} vs {row.other} | {shown} | "
                          f"{decided.robustness(verdicts)} |")
     lines += ["", "Pooled effects under the probes' mean (texture statistic for the style in brackets); *k/n*: "
-              "replicates whose own verdict is the pooled one.", "",
-              "| claim | comparison | Δ identity | Δ style [texture] | Δ preservation | verdict | k/n |",
-              "|---|---|---|---|---|---|---|"]
+              "replicates whose own verdict is the pooled one; *after Holm*: the verdict where a metric counts only if "
+              f"its Holm-adjusted p is below {ALPHA} too.", "",
+              "| claim | comparison | Δ identity | Δ style [texture] | Δ preservation | verdict | k/n | after Holm |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
         found = decided.of(row, "probes")
         if not found:
@@ -243,7 +249,8 @@ def markdown(decided: Decided, replicates: int, pairs: list[str], seeds: list[in
         pooled_verdict = decided.verdict(row, "probes")
         agree = replicate_verdicts(found, row)
         lines.append(f"| {row.group} | {row.grid}: {row.cell} vs {row.other} | " + " | ".join(cells)
-                     + f" | {pooled_verdict} | {agree.count(pooled_verdict)}/{len(agree)} |")
+                     + f" | {pooled_verdict} | {agree.count(pooled_verdict)}/{len(agree)} | "
+                     f"{decided.verdict(row, 'probes', ALPHA)} |")
     return "\n".join(lines) + "\n"
 
 

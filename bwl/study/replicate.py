@@ -23,8 +23,8 @@ from bwl.study.distributed import barrier, is_main
 from bwl.study.metrics import Scores
 from bwl.study.pooled import ReplicateCells, write_pooled
 from bwl.study.profile import Profile
-from bwl.study.study import Study
-from bwl.study.workers import Log, train_adapters
+from bwl.study.study import Study, train_missing
+from bwl.study.workers import Log
 from bwl.toy.concepts import DEFAULT_PAIR, ConceptPair, parse_pair
 from bwl.toy.world import render
 
@@ -70,20 +70,6 @@ def replicates(profile: Profile, shared_scorers: bool = False) -> list[Replicate
     return found
 
 
-def train_missing(runs: list[Replicate], workers: int, log: Log = log) -> None:
-    """Every adapter of every replicate that is not trained yet, in one batch."""
-    todo = {}
-    for replicate in runs:
-        study = replicate.study
-        for key in study.needed_adapters():
-            config = study.train_config(key)
-            if not (Path(config.output_dir) / "adapter.safetensors").exists():
-                todo.setdefault(config.output_dir, (str(study.seeded(key)), config))
-    total = sum(len(r.study.needed_adapters()) for r in runs)
-    log(f"adapters: {total - len(todo)} of {total} reused, {len(todo)} to train for {len(runs)} replicates")
-    train_adapters(dict(todo.values()), workers, log)
-
-
 def cells_of(replicate: Replicate) -> ReplicateCells:
     """The replicate's per-image scores, by (grid, cell label), from its results table."""
     study = replicate.study
@@ -114,7 +100,8 @@ def run_replicate(profile: Profile, log: Log = log) -> Path:
                           f"pairs={profile.pairs} and train_seeds={profile.train_seeds}")
     started = time.time()
     prepare(profile, log)
-    train_missing(replicates(profile), profile.train_workers, log)
+    runs = replicates(profile)
+    train_missing([(r.study, key) for r in runs for key in r.study.needed_adapters()], profile.train_workers, log)
     runs = replicates(profile, shared_scorers=True)
     for i, replicate in enumerate(runs, 1):
         log(f"replicate {i}/{len(runs)}: {replicate.name}")

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+ALPHA = 0.05
+"""The significance level: 95 % CIs, and Holm-adjusted p below it."""
+
 Nested = Mapping[str, Mapping[int, Sequence[float]]]
 """Paired differences by pair, then training seed: ``{pair: {seed: [Δ per image]}}``."""
 

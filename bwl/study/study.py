@@ -170,12 +170,8 @@ class Study:
     def train_all(self, keys: list[AdapterKey] | None = None, log: Log = log) -> dict[AdapterKey, Path]:
         """Train every adapter the grids need (or ``keys``); ones whose config and data are unchanged are reused."""
         keys = self.needed_adapters() if keys is None else keys
-        configs = {key: self.train_config(key) for key in keys}
-        todo = {str(self.seeded(key)): config for key, config in configs.items()
-                if not (Path(config.output_dir) / "adapter.safetensors").exists()}
-        log(f"adapters: {len(keys) - len(todo)} of {len(keys)} reused (same config and data), {len(todo)} to train")
-        train_adapters(todo, self.profile.train_workers, log)
-        return {key: Path(config.output_dir) / "adapter.safetensors" for key, config in configs.items()}
+        train_missing([(self, key) for key in keys], self.profile.train_workers, log)
+        return {key: Path(self.train_config(key).output_dir) / "adapter.safetensors" for key in keys}
 
     # ----- cells -------------------------------------------------------------------------------------------------
 
@@ -227,3 +223,19 @@ class Study:
 
     def cell_images(self, key: str) -> list[Image.Image]:
         return self.cells.images(key)
+
+
+def train_missing(needs: list[tuple[Study, AdapterKey]], workers: int, log: Log = log) -> None:
+    """Train, in one batch, every adapter these studies need and lack (under ``accelerate launch`` the processes split
+    it). Adapters are keyed by config and data, so one that several studies share is trained once."""
+    todo: dict[str, tuple[str, TrainConfig]] = {}
+    missing = 0
+    for study, key in needs:
+        config = study.train_config(key)
+        if not (Path(config.output_dir) / "adapter.safetensors").exists():
+            missing += 1
+            name = str(study.seeded(key))
+            todo.setdefault(config.output_dir, (f"{name} ({config.steps} steps)" if key.concept in study.steps
+                                                 else name, config))
+    log(f"adapters: {len(needs) - missing} of {len(needs)} reused (same config and data), {len(todo)} to train")
+    train_adapters(dict(todo.values()), workers, log)
