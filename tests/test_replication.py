@@ -203,7 +203,7 @@ def test_two_launched_processes_share_the_adapters_and_cells(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert "process 0 of 2" in output and "process 1 of 2" in output, output[-3000:]
-    trained = re.findall(r"\] (\S+ \(\d+ steps\)): trained", output)
+    trained = re.findall(r"\] (\S+(?: \(\d+ steps\))?): trained", output)  # steps named where the run sets them
     assert len(trained) == len(set(trained)) == 10, trained  # each of the 10 adapters once
     assert len(list((tmp_path / "runs" / "adapters").glob("*/adapter.safetensors"))) == 10
     rows = (tmp_path / "figures" / "lengths" / "lengths.csv").read_text().splitlines()
