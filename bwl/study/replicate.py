@@ -100,9 +100,8 @@ def run_replicate(profile: Profile, log: Log = log) -> Path:
                           f"pairs={profile.pairs} and train_seeds={profile.train_seeds}")
     started = time.time()
     prepare(profile, log)
-    runs = replicates(profile)
-    train_missing([(r.study, key) for r in runs for key in r.study.needed_adapters()], profile.train_workers, log)
     runs = replicates(profile, shared_scorers=True)
+    train_missing([(r.study, key) for r in runs for key in r.study.needed_adapters()], profile.train_workers, log)
     for i, replicate in enumerate(runs, 1):
         log(f"replicate {i}/{len(runs)}: {replicate.name}")
         replicate.study.run_grids(log)

@@ -170,8 +170,7 @@ class Study:
     def train_all(self, keys: list[AdapterKey] | None = None, log: Log = log) -> dict[AdapterKey, Path]:
         """Train every adapter the grids need (or ``keys``); ones whose config and data are unchanged are reused."""
         keys = self.needed_adapters() if keys is None else keys
-        train_missing([(self, key) for key in keys], self.profile.train_workers, log)
-        return {key: Path(self.train_config(key).output_dir) / "adapter.safetensors" for key in keys}
+        return dict(zip(keys, train_missing([(self, key) for key in keys], self.profile.train_workers, log)))
 
     # ----- cells -------------------------------------------------------------------------------------------------
 
@@ -225,17 +224,19 @@ class Study:
         return self.cells.images(key)
 
 
-def train_missing(needs: list[tuple[Study, AdapterKey]], workers: int, log: Log = log) -> None:
+def train_missing(needs: list[tuple[Study, AdapterKey]], workers: int, log: Log = log) -> list[Path]:
     """Train, in one batch, every adapter these studies need and lack (under ``accelerate launch`` the processes split
-    it). Adapters are keyed by config and data, so one that several studies share is trained once."""
+    it), and return each need's adapter file. Adapters are keyed by config and data, so one that several studies
+    share is trained once."""
+    configs = [(study, key, study.train_config(key)) for study, key in needs]
+    files = [Path(config.output_dir) / "adapter.safetensors" for _, _, config in configs]
+    reused = [file.exists() for file in files]
     todo: dict[str, tuple[str, TrainConfig]] = {}
-    missing = 0
-    for study, key in needs:
-        config = study.train_config(key)
-        if not (Path(config.output_dir) / "adapter.safetensors").exists():
-            missing += 1
+    for (study, key, config), done in zip(configs, reused):
+        if not done:
             name = str(study.seeded(key))
             todo.setdefault(config.output_dir, (f"{name} ({config.steps} steps)" if key.concept in study.steps
                                                  else name, config))
-    log(f"adapters: {len(needs) - missing} of {len(needs)} reused (same config and data), {len(todo)} to train")
+    log(f"adapters: {sum(reused)} of {len(needs)} reused (same config and data), {len(todo)} to train")
     train_adapters(dict(todo.values()), workers, log)
+    return files
