@@ -1,9 +1,10 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, methods, lengths,
-replicate, findings, eye-check, validate-reference, gates, pretrain, probes, toy-clip, demo.
+replicate, findings, eye-check, validate-reference, gates, assets, pretrain, probes, toy-clip, demo.
 
-A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, or a failed notebook) is one line
-on stderr, ``bwl: error: <message>``, and exit status 2; ``--debug`` shows its traceback. Unexpected exceptions still
-show theirs.
+A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, a failed notebook, or an
+operating-system error such as a full disk, with its path) is one line on stderr, ``bwl: error: <message>``, and exit
+status 2; ``--debug`` shows its traceback. Unexpected exceptions still show theirs. A warning is one line too,
+``bwl: warning: <message>``, without Python's echo of the source line.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from bwl.adapters.blocks import BlockSpecError
@@ -18,31 +20,34 @@ from bwl.adapters.files import AdapterFileError
 from bwl.adapters.kohya import export_kohya, import_kohya
 from bwl.adapters.report import inspect_adapter
 from bwl.core import config as configs
+from bwl.core.atomic import write_text
 from bwl.core.config import ConfigError
 from bwl.data.datasets import DatasetError
 from bwl.data.tagging import TaggerError
 from bwl.sd.pipeline import load_pipeline
-from bwl.study.demo import run_demo
-from bwl.study.eyecheck import evaluate as evaluate_eye_check
-from bwl.study.eyecheck import write_sample
-from bwl.study.figures import block_sweep
-from bwl.study.findings import findings_report
-from bwl.study.gates import gates as measure_gates
-from bwl.study.lengths import run_lengths
-from bwl.study.methods import run_methods
-from bwl.study.profile import load_profile
-from bwl.study.replicate import run_replicate
-from bwl.study.runner import StudyFailed, run_study
-from bwl.study.study import Study
-from bwl.study.validation import write_validation
-from bwl.study.vocabulary import Concept
+from bwl.study.design.profile import load_profile
+from bwl.study.design.vocabulary import Concept
+from bwl.study.experiments.eyecheck import evaluate as evaluate_eye_check
+from bwl.study.experiments.eyecheck import write_sample
+from bwl.study.experiments.gates import gates as measure_gates
+from bwl.study.experiments.gates import gates_markdown
+from bwl.study.experiments.lengths import run_lengths
+from bwl.study.experiments.methods import run_methods
+from bwl.study.experiments.replicate import run_replicate
+from bwl.study.experiments.validation import write_validation
+from bwl.study.presentation.demo import run_demo
+from bwl.study.presentation.figures import block_sweep
+from bwl.study.running.runner import StudyFailed, run_study
+from bwl.study.running.study import Study
+from bwl.study.scoring.findings import findings_report
 from bwl.toy.assets import train_and_save_probes
 from bwl.toy.encoder import train_toy_clip
 from bwl.toy.pretrain import PretrainConfig, pretrain
+from bwl.toy.records import assets_markdown
 from bwl.train import TrainConfig, TrainingDiverged, train
 
 NAMED_FAILURES = (ConfigError, BlockSpecError, AdapterFileError, DatasetError, TaggerError, StudyFailed,
-                  TrainingDiverged, FileExistsError, FileNotFoundError)
+                  TrainingDiverged, OSError)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -95,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
         "validate-reference", help="rank correlation of each reference metric with its probe counterpart, all cells"
     )
     validate.add_argument("--profile", default="toy")
+    commands.add_parser("assets", help="the shipped assets' records as one table (figures/assets.md)")
     toy_clip = commands.add_parser("toy-clip", help="retrain the toy CLIP (data/toy-clip) on the seen concepts")
     toy_clip.add_argument("--steps", type=int, default=600)
     gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
@@ -157,10 +163,14 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         profile = load_profile(args.profile)
         print(write_validation(Study(profile).cells, profile.figures / "reference-validation.md",
                                f"python -m bwl validate-reference --profile {args.profile}"))
+    elif args.command == "assets":
+        print(write_text(Path("figures") / "assets.md", assets_markdown()).read_text())
     elif args.command == "toy-clip":
         print(json.dumps(train_toy_clip(steps=args.steps), indent=2))
     elif args.command == "gates":
-        print(json.dumps(measure_gates(args.profile, args.count), indent=2))
+        measured = measure_gates(args.profile, args.count)
+        profile = load_profile(args.profile)
+        print(write_text(profile.figures / "gates.md", gates_markdown(measured)).read_text())
     elif args.command == "findings":
         print(findings_report(Study(load_profile(args.profile)).results()))
     elif args.command == "run":
@@ -169,16 +179,32 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         print(run_demo(args.out, steps=args.steps))
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: ``bwl: warning: <message>``, no source line."""
+    print(f"bwl: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def describe(error: BaseException) -> str:
+    """A named failure in one line; an operating-system error as its reason and path (``[Errno 28]`` dropped)."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return f"{error.strerror}: {error.filename}"
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     cli = parser()
     args = cli.parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = one_line_warning
     try:
         run_command(args, cli)
     except NAMED_FAILURES as error:
         if args.debug:
             raise
-        print(f"bwl: error: {error}", file=sys.stderr)
+        print(f"bwl: error: {describe(error)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

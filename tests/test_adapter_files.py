@@ -12,7 +12,7 @@ from bwl.adapters.report import inspect_adapter
 from bwl.adapters.spec import AdapterSpec, add_adapter
 from bwl.sd.pipeline import load_pipeline
 
-from .conftest import randomize_lora, render
+from .conftest import assert_float32_equal, pipeline_bound, randomize_lora, render
 
 
 def trained_file(pipe, path, spec, name="a", seed=0):
@@ -34,8 +34,9 @@ def test_round_trip_is_exact(pipe, tiny_dir, tmp_path):
     saved = read_tensors(path)
     reloaded = get_peft_model_state_dict(fresh.unet, adapter_name="a")
     assert set(saved) == {f"unet.{k}" for k in reloaded}
-    assert all(torch.equal(saved[f"unet.{k}"], v) for k, v in reloaded.items())
-    assert np.array_equal(render(fresh), expected)
+    assert all(torch.equal(saved[f"unet.{k}"], v) for k, v in reloaded.items())  # the file holds the weights exactly
+    # in memory or loaded: two code paths for one function, equal up to float32 rounding on any CPU
+    assert_float32_equal(render(fresh), expected, pipeline_bound(fresh), effect=render(load_pipeline(tiny_dir)))
 
 
 def test_metadata_records_the_run(pipe, tmp_path):
@@ -67,11 +68,12 @@ def test_kohya_export_loads_in_diffusers_with_alpha_not_rank(pipe, tiny_dir, tmp
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2" and args["conv_dim"] == "2"
     fresh = load_pipeline(tiny_dir)
     fresh.load_lora_weights(str(kohya), adapter_name="k")
-    assert np.abs(render(fresh) - expected).max() <= 1e-5
+    bound = pipeline_bound(fresh)
+    assert_float32_equal(render(fresh), expected, bound, effect=render(load_pipeline(tiny_dir)))
     imported = import_kohya(kohya, fresh, tmp_path / "imported.safetensors")
     again = load_pipeline(tiny_dir)
     load_adapter(again, imported, "i")
-    assert np.abs(render(again) - expected).max() <= 1e-5
+    assert_float32_equal(render(again), expected, bound)
 
 
 def kohya_file(path, unet, ranks: dict[str, int], alpha: float, conv: bool = False):

@@ -7,7 +7,7 @@ from bwl.adapters.compose import load_adapters, set_block_weights
 from bwl.adapters.spec import AdapterSpec
 from bwl.sd.generate import generate
 from bwl.sd.pipeline import load_pipeline
-from bwl.study.analyzer import block_effects, block_off, effects_figure, effects_markdown, weighted_blocks
+from bwl.study.experiments.analyzer import block_effects, block_off, effects_figure, effects_markdown, weighted_blocks
 
 from .test_adapter_files import trained_file
 

@@ -199,7 +199,7 @@ def wait_for_new_image(lab: Lab, previous: bytes, timeout_s: float = 120) -> byt
 def test_block_explorer_slider_changes_the_image_and_back(lab, tmp_path):
     runs = tmp_path / "runs"
     study = smoke_study(runs)
-    from bwl.study.vocabulary import identity, style
+    from bwl.study.design.vocabulary import identity, style
 
     study.train_all([identity("locon"), style("locon")])
     lab.open(notebook_copy("05_block_explorer.ipynb", lab.folder, runs))

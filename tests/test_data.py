@@ -34,7 +34,7 @@ def test_kohya_repeat_folders_and_captions(tmp_path):
 def test_missing_caption_falls_back_to_trigger_with_a_warning(tmp_path):
     write_images(tmp_path, count=1)
     (tmp_path / "00.txt").unlink()
-    with pytest.warns(UserWarning, match="00.png: no caption file"):
+    with pytest.warns(UserWarning, match=r"1 image\(s\) have no caption file \(00.png\); using 'sks, dog'"):
         examples, _ = scan_dataset(tmp_path, fallback_caption="sks, dog")
     assert examples[0].caption == "sks, dog"
 

@@ -1,5 +1,6 @@
-"""The package's architecture, checked from its source: layers import only downward, bwl's own imports sit at the
-top of each module, and no module outgrows 400 lines."""
+"""The package's architecture, checked from its source: layers import only downward, and so do the study's rooms;
+bwl's own imports sit at the top of each module; no module outgrows 400 lines, no class 100 (config dataclasses
+aside)."""
 
 import ast
 from pathlib import Path
@@ -8,6 +9,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bwl"
 LAYERS = ("core", "sd", "adapters", "data", "train", "toy", "study")  # lowest first
 TOP = len(LAYERS)  # bwl/__init__.py and bwl/__main__.py (the command line) sit above every layer
 TOOLKIT = ("core", "sd", "adapters")
+ROOMS = ("design", "scoring", "running", "experiments", "presentation")  # the study's rooms, lowest first
+MAX_CLASS_LINES = 100
 
 
 def modules() -> list[Path]:
@@ -50,9 +53,59 @@ def test_layers_import_only_downward():
 
 def test_the_layer_check_sees_an_upward_import(tmp_path):
     module = PACKAGE / "adapters" / "spec.py"
-    tree = ast.parse("import torch\nfrom bwl.study.vocabulary import GRIDS\n")
+    tree = ast.parse("import torch\nfrom bwl.study.design.vocabulary import GRIDS\n")
     assert [name for _, name, target in imported_layers(tree) if target > layer(module)] == [
-        "bwl.study.vocabulary", "bwl.study.vocabulary.GRIDS"]
+        "bwl.study.design.vocabulary", "bwl.study.design.vocabulary.GRIDS"]
+
+
+def room(path: Path) -> int | None:
+    """The study room a module sits in (its index in ``ROOMS``), or None outside the study's rooms."""
+    parts = path.relative_to(PACKAGE).parts
+    return ROOMS.index(parts[1]) if len(parts) > 2 and parts[0] == "study" else None
+
+
+def imported_rooms(tree: ast.Module) -> list[tuple[int, str, int]]:
+    """(line, module, room) of every import of a module inside one of the study's rooms."""
+    return [(line, name, ROOMS.index(name.split(".")[2])) for line, name, _ in imported_layers(tree)
+            if name.split(".")[1] == "study" and len(name.split(".")) > 3 and name.split(".")[2] in ROOMS]
+
+
+def test_the_study_has_rooms_and_each_imports_only_the_rooms_before_it():
+    study = PACKAGE / "study"
+    loose = sorted(p.name for p in study.iterdir() if p.suffix == ".py")
+    assert loose == ["__init__.py"], f"study modules outside the rooms: {loose}"
+    assert {p.name for p in study.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(ROOMS)
+    violations = {}
+    for path in modules():
+        if (own := room(path)) is not None:
+            found = [f"line {line}: {name}" for line, name, target in imported_rooms(ast.parse(path.read_text()))
+                     if target > own]
+            if found:
+                violations[str(path.relative_to(PACKAGE))] = found
+    assert not violations, f"imports of a later room (rooms, lowest first: {ROOMS}): {violations}"
+
+
+def test_the_room_check_sees_an_upward_import():
+    tree = ast.parse("from bwl.study.presentation.figures import write_figures\n")
+    assert [r for _, _, r in imported_rooms(tree)] == [ROOMS.index("presentation")] * 2
+    assert room(PACKAGE / "study" / "design" / "runs.py") == 0
+
+
+def is_config_dataclass(node: ast.ClassDef) -> bool:
+    """A dataclass whose name says it is a config (``TrainConfig``, ``Profile``): a list of fields, long by nature."""
+    decorated = any("dataclass" in ast.unparse(d) for d in node.decorator_list)
+    return decorated and (node.name.endswith("Config") or node.name == "Profile")
+
+
+def test_no_class_is_over_100_lines_except_config_dataclasses():
+    long = {}
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not is_config_dataclass(node):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    long[f"{path.relative_to(PACKAGE)}:{node.name}"] = lines
+    assert not long, long
 
 
 def test_the_toolkit_imports_neither_the_study_nor_the_toy_world():

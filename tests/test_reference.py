@@ -10,7 +10,7 @@ from PIL import Image
 from bwl.sd.encoders import load_clip, load_dino
 from bwl.sd.pipeline import ModelNotFound
 from bwl.sd.tiny import build_tiny_encoders
-from bwl.study.reference import centroid_similarity, gram_matrices, gram_similarity, plain_prompt, vendi_score
+from bwl.study.scoring.reference import centroid_similarity, gram_matrices, gram_similarity, plain_prompt, vendi_score
 
 
 def test_vendi_score_on_hand_computed_cases():
@@ -71,9 +71,9 @@ def test_paper_path_writes_every_reference_metric_and_findings(tmp_path, tiny_di
     import json
     import shutil
 
-    from bwl.study.profile import load_profile
-    from bwl.study.study import Study
-    from bwl.study.vocabulary import REFERENCE_METRICS
+    from bwl.study.design.profile import load_profile
+    from bwl.study.design.vocabulary import REFERENCE_METRICS
+    from bwl.study.running.study import Study
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     clip_dir, dino_dir = build_tiny_encoders(tmp_path / "encoders")
@@ -120,7 +120,7 @@ def test_paper_path_writes_every_reference_metric_and_findings(tmp_path, tiny_di
 
 
 def test_spearman_and_its_bootstrap_by_hand():
-    from bwl.study.validation import bootstrap_spearman, ranks, spearman
+    from bwl.study.experiments.validation import bootstrap_spearman, ranks, spearman
 
     assert ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
     x = np.arange(10.0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_a_kill_during_a_grid_leaves_completed_cells_reusable(tmp_path, monkeypa
     study = smoke(tmp_path)
     study.prepare_data()
     study.train_all()
-    from bwl.study import cells
+    from bwl.study.running import cells
 
     real = cells.generate
     calls = []
@@ -162,3 +163,100 @@ def test_a_kill_during_a_grid_leaves_completed_cells_reusable(tmp_path, monkeypa
     log = []
     smoke(tmp_path).run_grids(log=log.append)
     assert log == ["fig4b: 6 cells, 4 generated (2 images each), 2 reused"]
+
+
+# ----- the command line: quiet, fast to fail, one line for any failure ---------------------------------------------
+
+FULL_DISK_HOOK = '''
+import errno, os
+_full_at = os.environ["BWL_TEST_FULL_AT"]
+_replace = os.replace
+
+
+def replace(src, dst, *args, **kwargs):  # every atomic write of bwl ends here: the disk is full for this file
+    if str(dst).endswith(_full_at):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _replace(src, dst, *args, **kwargs)
+
+
+os.replace = replace
+'''
+
+
+def bwl_command(*args: str, env: dict | None = None, limit_bytes: int | None = None, timeout: int = 900):
+    """``python -m bwl …`` in a subprocess (its own kernels and workers inherit ``env``); ``limit_bytes``: the
+    largest file any of them may write (RLIMIT_FSIZE; Python ignores SIGXFSZ, so a larger write fails with EFBIG)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "bwl", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})},
+                          preexec_fn=limit if limit_bytes else None)
+
+
+def test_a_missing_model_fails_first_in_one_line_without_warnings(tmp_path):
+    from .test_data import write_images
+
+    write_images(tmp_path / "photos", count=5)
+    for caption in (tmp_path / "photos").glob("*.txt"):
+        caption.unlink()
+    done = bwl_command("train", "--model", "nowhere", "--instance-dir", str(tmp_path / "photos"),
+                       "--output-dir", str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1"})
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) <= 3, lines
+    assert lines[-1].startswith("bwl: error: model 'nowhere'") and not any("Hub" in line for line in lines)
+
+
+def test_missing_captions_are_one_warning_line_for_the_folder(tmp_path, tiny_dir):
+    from .test_data import write_images
+
+    write_images(tmp_path / "photos", count=5)
+    for caption in (tmp_path / "photos").glob("*.txt"):
+        caption.unlink()
+    done = bwl_command("train", "--model", str(tiny_dir), "--instance-dir", str(tmp_path / "photos"), "--output-dir",
+                       str(tmp_path / "out"), "--steps", "1", "--resolution", "64", "--batch-size", "1")
+    warnings = [line for line in done.stderr.splitlines() if "caption" in line]
+    assert done.returncode == 0, done.stderr
+    assert warnings == [f"bwl: warning: {tmp_path / 'photos'}: 5 image(s) have no caption file (00.png, 01.png, "
+                        "02.png, …); using 'sks'"]
+
+
+SMOKE_FIG4B = ("--profile", "smoke", "--set", "grids=[fig4b]", "--set", "build_tiny=false")
+
+
+@pytest.mark.parametrize("stage, fault", [
+    ("data", ("BWL_TEST_FULL_AT", ".txt")),  # a caption file, in notebook 01
+    ("adapters", ("BWL_TEST_FULL_AT", "adapter.safetensors")),  # in notebook 02, in its training process
+    ("cells", ("BWL_TEST_FULL_AT", "scores.json")),  # the cell's last file, in notebook 03
+    ("executed notebook", ("limit", 60_000)),  # papermill's own write of notebook 01 (no file may pass 60 kB)
+])
+def test_a_full_disk_at_any_stage_of_a_run_is_one_line_and_status_2(tmp_path, tiny_dir, stage, fault):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(FULL_DISK_HOOK)
+    key, value = fault
+    env = {"PYTHONPATH": str(tmp_path / "hook"), key: value} if key != "limit" else {}
+    done = bwl_command("run", *SMOKE_FIG4B, "--set", f"model={tiny_dir}", "--set", f"runs_dir={tmp_path / 'runs'}",
+                       env=env, limit_bytes=value if key == "limit" else None)
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("bwl: error:"), errors
+    reason = "No space left on device" if key != "limit" else "File too large"
+    assert reason in errors[0] and str(tmp_path / "runs") in errors[0], errors[0]
+
+
+def test_two_runs_sharing_a_folder_train_each_adapter_once(tmp_path, tiny_dir):
+    args = [sys.executable, "-m", "bwl", "run", *SMOKE_FIG4B, "--set", f"model={tiny_dir}", "--set",
+            f"runs_dir={tmp_path / 'runs'}"]
+    runs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    logs = [run.communicate(timeout=900)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    trained = [line for log in logs for line in log.splitlines() if ": trained " in line]
+    files = (tmp_path / "runs" / "adapters").glob("*/adapter.safetensors")
+    adapters = sorted(f.parent.name.rsplit("-", 1)[0] for f in files)
+    assert len(adapters) == 4 and sorted(line.split("] ")[1].split(":")[0] for line in trained) == adapters, logs
+    cells = list((tmp_path / "runs" / "cells").glob("*/scores.json"))
+    generated = sum(int(n) for log in logs for n in re.findall(r"fig4b: \d+ cells, (\d+) generated", log))
+    assert generated == len(cells), logs  # every cell generated once, by one run or the other

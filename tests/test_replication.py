@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from bwl.study.statistics import bootstrap_means, hierarchical_bootstrap, holm, pooled_mean
+from bwl.study.scoring.statistics import bootstrap_means, hierarchical_bootstrap, holm, pooled_mean
 
 
 def test_pooled_mean_weighs_each_pair_and_seed_equally():
@@ -69,7 +69,7 @@ def _smoke(tmp_path, **overrides):
 def test_the_training_seed_is_part_of_the_adapter_key(tmp_path):
     """Two seeds: two runs, each recording its seed; the same seed again: the same run, reused."""
     from bwl.study import Study
-    from bwl.study.vocabulary import style
+    from bwl.study.design.vocabulary import style
 
     profile = _smoke(tmp_path, train_seeds=[0, 1])
     key = style("lora", "upper")
@@ -89,7 +89,7 @@ def test_the_training_seed_is_part_of_the_adapter_key(tmp_path):
 def test_the_training_length_study_trains_each_adapter_once_and_pools_over_seeds(tmp_path):
     import csv
 
-    from bwl.study.lengths import run_lengths
+    from bwl.study.experiments.lengths import run_lengths
 
     profile = _smoke(tmp_path, metrics="probe", methods=["lora"], train_lengths=[2, 4], train_seeds=[0, 1],
                      prompts=["zkc, qrv, sky background"], seeds=[0, 1])
@@ -112,7 +112,7 @@ def test_the_training_length_study_trains_each_adapter_once_and_pools_over_seeds
 
 
 def test_instrument_accuracy_by_hand():
-    from bwl.study.eyecheck import accuracy
+    from bwl.study.experiments.eyecheck import accuracy
 
     result = accuracy(["checker", "checker", "none", "none"], [0.9, 0.1, 0.2, 0.7], threshold=0.5)
     assert result == {"accuracy": 0.5, "sensitivity": 0.5, "specificity": 0.5}
@@ -123,7 +123,7 @@ def test_the_eye_checked_sheet_is_complete_and_both_instruments_are_scored_on_it
     as the README reports it (a change to an instrument that loses accuracy shows here)."""
     from pathlib import Path
 
-    from bwl.study.eyecheck import PROBE_THRESHOLD, TEXTURE_THRESHOLD, accuracy, load_sheet, readings
+    from bwl.study.experiments.eyecheck import PROBE_THRESHOLD, TEXTURE_THRESHOLD, accuracy, load_sheet, readings
 
     sheet = Path(__file__).resolve().parents[1] / "figures" / "eye-check"
     images, rows = load_sheet(sheet)
@@ -141,8 +141,8 @@ def test_the_eye_checked_sheet_is_complete_and_both_instruments_are_scored_on_it
 def test_a_sheet_is_drawn_from_partial_cells_only(tmp_path):
     from PIL import Image
 
-    from bwl.study.cells import CellStore
-    from bwl.study.eyecheck import load_sheet, write_sample
+    from bwl.study.experiments.eyecheck import load_sheet, write_sample
+    from bwl.study.running.cells import CellStore
 
     store = CellStore(tmp_path / "cells")
     image = Image.new("RGB", (32, 32), (200, 100, 50))
@@ -161,10 +161,10 @@ def test_a_sheet_is_drawn_from_partial_cells_only(tmp_path):
 
 
 def test_a_verdict_is_robust_only_under_every_toy_instrument():
-    from bwl.study.findings import CLAIMS, findings_by_family, robustness
-    from bwl.study.metrics import Estimate
-    from bwl.study.results import CellResult
-    from bwl.study.vocabulary import METRICS, Metric
+    from bwl.study.design.vocabulary import METRICS, Metric
+    from bwl.study.scoring.findings import CLAIMS, findings_by_family, robustness
+    from bwl.study.scoring.metrics import Estimate
+    from bwl.study.scoring.results import CellResult
 
     assert robustness({"probe": "beats", "texture": "beats", "reference": "tie"}) == "robust"
     assert robustness({"probe": "beats", "texture": "tie"}) == "instrument-dependent"
@@ -215,7 +215,7 @@ def test_two_launched_processes_share_the_adapters_and_cells(tmp_path):
 def _replicate_cells(style_texture_gap: float, pairs=("zkc+qrv", "star+dots", "heart+hatch"), seeds=(0, 1, 2)):
     """Synthetic replicates in which C1's cell has identity +0.2 and style +0.1 over the cells it is compared with,
     under every probe; the texture statistic sees ``style_texture_gap`` instead; every other cell is alike."""
-    from bwl.study.pooled import ROWS, ReplicateCells
+    from bwl.study.scoring.pooled import ROWS, ReplicateCells
     from bwl.toy.assets import INSTRUMENTS
 
     def image(identity: float, style: float, texture: float, noise: float) -> dict[str, float]:
@@ -243,9 +243,9 @@ def _replicate_cells(style_texture_gap: float, pairs=("zkc+qrv", "star+dots", "h
 
 
 def test_pooled_effects_of_a_known_design_and_their_replicate_counts():
-    from bwl.study.pooled import ROWS, decide
-    from bwl.study.statistics import ALPHA
-    from bwl.study.vocabulary import Metric
+    from bwl.study.design.vocabulary import Metric
+    from bwl.study.scoring.pooled import ROWS, decide
+    from bwl.study.scoring.statistics import ALPHA
 
     decided = decide(_replicate_cells(style_texture_gap=0.1), resamples=300)
     c1 = next(r for r in ROWS if r.group == "C1")
@@ -266,7 +266,7 @@ def test_pooled_effects_of_a_known_design_and_their_replicate_counts():
 def test_a_replicated_verdict_that_one_instrument_does_not_share_is_instrument_dependent(tmp_path):
     import csv
 
-    from bwl.study.pooled import ROWS, decide, write_pooled
+    from bwl.study.scoring.pooled import ROWS, decide, write_pooled
 
     cells = _replicate_cells(style_texture_gap=-0.3)
     decided = decide(cells, resamples=300)
@@ -290,7 +290,7 @@ def test_the_replicated_study_runs_every_pair_and_seed_and_reuses_by_key(tmp_pat
     pair and seed, one results table per replicate, the pooled table over both pairs; a rerun trains nothing."""
     import csv
 
-    from bwl.study.replicate import replicates, run_replicate
+    from bwl.study.experiments.replicate import replicates, run_replicate
 
     profile = _smoke(tmp_path, pairs=["zkc+qrv", "star+dots"], train_seeds=[0, 1], metrics="probe",
                      grids=["fig4b"], model=str(tmp_path / "tiny-sd"))
@@ -318,7 +318,7 @@ def test_each_probe_metric_is_the_probes_mean_with_their_spread_beside_it():
     import torch
     from PIL import Image
 
-    from bwl.study.metrics import INSTRUMENT_METRICS, ensemble_scores, instrument_key, spreads, without_families
+    from bwl.study.scoring.metrics import INSTRUMENT_METRICS, ensemble_scores, instrument_key, spreads, without_families
     from bwl.toy.concepts import parse_pair
     from bwl.toy.probes import Probe
     from bwl.toy.world import Character, render
@@ -348,8 +348,8 @@ def test_each_probe_metric_is_the_probes_mean_with_their_spread_beside_it():
 
 def test_the_notebook_runner_refuses_a_profile_of_several_pairs():
     from bwl.core.config import ConfigError
-    from bwl.study.profile import load_profile
-    from bwl.study.runner import run_study
+    from bwl.study.design.profile import load_profile
+    from bwl.study.running.runner import run_study
 
     assert len(load_profile("replicate").pairs) >= 3 and len(load_profile("replicate").train_seeds) >= 3
     with pytest.raises(ConfigError, match="python -m bwl replicate"):

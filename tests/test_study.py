@@ -7,8 +7,8 @@ import pytest
 
 from bwl.core.config import ConfigError
 from bwl.study import GRIDS, Study, load_profile
-from bwl.study.figures import make_figures
-from bwl.study.vocabulary import Concept, identity, style
+from bwl.study.design.vocabulary import Concept, identity, style
+from bwl.study.presentation.figures import make_figures
 
 
 def smoke(tmp_path, **overrides):
@@ -37,7 +37,7 @@ def test_unknown_raw_papermill_parameter_is_refused_naming_it(tmp_path):
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from bwl.study.profile import ROOT
+    from bwl.study.design.profile import ROOT
 
     with pytest.raises(
         PapermillExecutionError, match=r"unknown notebook parameter\(s\) 'seedz'; valid: profile, overrides"
@@ -50,8 +50,8 @@ def test_unknown_raw_papermill_parameter_is_refused_naming_it(tmp_path):
 def test_block_sweep_notebook_runs_under_papermill_on_the_smoke_profile(tmp_path):
     import papermill
 
-    from bwl.study.profile import ROOT
-    from bwl.study.sweep import read_sweep
+    from bwl.study.design.profile import ROOT
+    from bwl.study.experiments.sweep import read_sweep
 
     overrides = {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures"), "sweep_pairs": False,
                  "sweep_seeds": [0]}
@@ -67,7 +67,7 @@ def test_block_sweep_notebook_runs_under_papermill_on_the_smoke_profile(tmp_path
 
 
 def test_notebook_setup_passes_declared_parameters_and_rechecks_nothing(tmp_path):
-    from bwl.study.notebook import setup
+    from bwl.study.running.notebook import setup
 
     namespace = {"sys": object(), "profile": "smoke", "overrides": {}, "interactive": False, "_i3": "cell text"}
     study = setup("smoke", {"runs_dir": str(tmp_path)}, namespace)
@@ -87,7 +87,7 @@ def test_a_profile_may_not_set_what_each_grid_adapter_owns():
 def test_run_key_hashes_the_resolved_config_defaults_included(tmp_path, monkeypatch):
     import dataclasses
 
-    from bwl.study import runs
+    from bwl.study.design import runs
     from bwl.train import TrainConfig
 
     study = smoke(tmp_path)
@@ -105,8 +105,8 @@ def test_run_key_hashes_the_resolved_config_defaults_included(tmp_path, monkeypa
 
 
 def test_grid_vocabulary_is_typed_and_defined_once():
-    from bwl.study.findings import CLAIMS
-    from bwl.study.vocabulary import AdapterKey
+    from bwl.study.design.vocabulary import AdapterKey
+    from bwl.study.scoring.findings import CLAIMS
 
     key = AdapterKey(Concept.STYLE, "locon", "IN0+OUT3")
     assert key == style("locon", "upper") and str(key) == "style_locon_upper"
@@ -165,8 +165,8 @@ def test_changed_captions_mean_a_new_run(tmp_path):
 def test_retrained_base_model_under_the_same_path_means_new_runs_and_cells(tmp_path, tiny_dir):
     from safetensors.torch import load_file, save_file
 
-    from bwl.study.cells import CellRenderer
-    from bwl.study.vocabulary import cell
+    from bwl.study.design.vocabulary import cell
+    from bwl.study.running.cells import CellRenderer
 
     def keys(study):
         one = cell("ID alone", (identity("locon"), 1.0))
@@ -212,8 +212,8 @@ def test_paper_profile_runs_one_cell_through_from_pretrained(tmp_path, tiny_dir,
 
 
 def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
-    import bwl.study.runner as run_module
-    from bwl.study.runner import StudyFailed, run_study
+    import bwl.study.running.runner as run_module
+    from bwl.study.running.runner import StudyFailed, run_study
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -236,8 +236,8 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
 
 
 def test_block_sweep_covers_every_block_and_draws_heatmaps(tmp_path):
-    from bwl.study.figures import sweep_figure
-    from bwl.study.sweep import read_sweep, run_sweep, sweep_specs
+    from bwl.study.experiments.sweep import read_sweep, run_sweep, sweep_specs
+    from bwl.study.presentation.figures import sweep_figure
 
     assert len(sweep_specs()) == 9 + 36 and "IN0+OUT3" in sweep_specs()
     study = smoke(tmp_path, sweep_pairs=False, sweep_seeds=[0])
@@ -249,10 +249,10 @@ def test_block_sweep_covers_every_block_and_draws_heatmaps(tmp_path):
 
 
 def test_findings_decide_claims_by_non_overlapping_intervals():
-    from bwl.study.findings import claim_verdict, compare, findings_markdown
-    from bwl.study.metrics import Estimate
-    from bwl.study.results import CellResult
-    from bwl.study.vocabulary import METRICS, Metric
+    from bwl.study.design.vocabulary import METRICS, Metric
+    from bwl.study.scoring.findings import claim_verdict, compare, findings_markdown
+    from bwl.study.scoring.metrics import Estimate
+    from bwl.study.scoring.results import CellResult
 
     def row(grid, cell, identity, style, ci=0.05):
         values = {Metric.IDENTITY: identity, Metric.STYLE: style}
@@ -274,7 +274,7 @@ def test_adapters_trained_in_worker_processes_equal_ones_trained_here(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from bwl.study.workers import train_one
+    from bwl.study.running.workers import train_one
 
     study = smoke(tmp_path, train_workers=2)
     study.prepare_data()
@@ -295,3 +295,24 @@ def test_adapters_trained_in_worker_processes_equal_ones_trained_here(tmp_path):
         torch.set_num_threads(threads)
     there = load_file(files[upper])
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+
+
+def test_a_run_with_some_grids_decides_the_claims_they_hold_and_names_the_rest():
+    from pathlib import Path
+
+    from bwl.study.scoring.findings import findings_by_family, findings_report
+    from bwl.study.scoring.results import read_results
+
+    results = read_results(Path(__file__).resolve().parent.parent / "figures")  # the toy study's committed table
+    only_fig4b = findings_by_family([r for r in results if r.grid == "fig4b"])
+    assert "**C3: style trained on upper > middle > bottom:" in only_fig4b and "**C1" not in only_fig4b
+    assert only_fig4b.endswith("Not decided by this run: C1 (needs fig2 and fig3 scored), C2 (needs fig4a scored).\n")
+    assert "Not decided" not in findings_by_family(results)
+    assert findings_report([]).startswith("No findings for this run: C1 needs fig2 and fig3")
+
+
+def test_a_single_image_cell_shows_n_1_not_nan():
+    from bwl.study.scoring.metrics import mean_ci
+
+    assert str(mean_ci([0.5])) == "0.50 (n = 1)"
+    assert str(mean_ci([0.5, 0.7])).startswith("0.60 ± ")

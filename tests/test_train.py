@@ -12,8 +12,8 @@ from bwl.adapters.files import read_info, read_tensors
 from bwl.core.config import ConfigError, build
 from bwl.toy.assets import TOY_MODEL
 from bwl.train import TrainConfig, TrainingDiverged, train
+from bwl.train.batches import prepare_data
 from bwl.train.loop import checkpoints, load_checkpoint
-from bwl.train.run import prepare_data
 
 from .test_data import write_images
 
@@ -480,7 +480,7 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_warning_and_the_run_f
 def test_tensorboard_logging_is_opt_in_and_leaves_the_run_key_alone(tmp_path, tiny_dir, pipe):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from bwl.study.runs import run_key
+    from bwl.study.design.runs import run_key
 
     contents = {"model": "m", "instance_dir": "i"}
     plain, logged = config(tmp_path, tiny_dir), config(tmp_path, tiny_dir, log_with="tensorboard")

@@ -6,7 +6,7 @@ import yaml
 
 from bwl.__main__ import main
 from bwl.core.config import ConfigError
-from bwl.study.profile import load_profile
+from bwl.study.design.profile import load_profile
 from bwl.train import TrainConfig
 
 from .test_data import write_images

@@ -18,6 +18,7 @@ from bwl.sd.pipeline import load_pipeline
 from bwl.sd.tiny import sd1_unet
 from bwl.train import TrainConfig, train
 
+from .conftest import assert_float32_equal, float32_bound
 from .test_adapter_files import kohya_file, trained_file
 from .test_data import write_images
 
@@ -97,8 +98,8 @@ def test_text_encoder_lora_imports_exports_and_imports_again_and_base_weight_sca
         load_adapters(fresh, {"te": path})
         set_block_weights(fresh, {"te": {"BASE": 0}})
         assert torch.equal(text_output(fresh), base)
-        set_block_weights(fresh, {"te": 1.0})
-        assert (text_output(fresh) - expected).abs().max() <= 1e-5
+        set_block_weights(fresh, {"te": 1.0})  # LoRA layers or merged weights: equal up to float32 rounding
+        assert_float32_equal(text_output(fresh), expected, float32_bound(fresh.text_encoder), effect=base)
 
 
 def test_a_file_for_another_unet_width_is_refused_naming_the_module_and_shapes(pipe, tiny_dir, tmp_path, capsys):
@@ -239,8 +240,8 @@ def test_a_text_encoder_lora_trained_by_bwl_exports_with_kohya_names_and_loads_i
     te_keys = [k for k in read_tensors(kohya) if k.startswith("lora_te_")]
     assert len(te_keys) == 36 and all(k.startswith("lora_te_text_model_encoder_layers_") for k in te_keys)
     theirs = load_pipeline(tiny_dir)
-    theirs.load_lora_weights(str(kohya), adapter_name="k")
-    assert (text_output(theirs) - expected).abs().max() <= 1e-6
+    theirs.load_lora_weights(str(kohya), adapter_name="k")  # diffusers' kohya path and bwl's: two code paths
+    assert_float32_equal(text_output(theirs), expected, float32_bound(theirs.text_encoder))
 
 
 def test_text_encoder_training_has_its_own_learning_rate_and_resumes_exactly(tmp_path, tiny_dir):

@@ -16,11 +16,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
 
     On any exception (or a kill) the destination keeps its previous content and the temporary file is removed
-    (a kill can leave a ``.tmp`` file, never a partial destination).
+    (a kill can leave a ``.tmp`` file, never a partial destination). An operating-system error (a full disk) that
+    names no file is raised again naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise naming(error, path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,8 +35,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp_path, path)
+    except OSError as error:
+        raise naming(error, path) from None
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def naming(error: OSError, path: str | Path) -> OSError:
+    """``error`` itself if it names a file; else the same error (same type and errno) naming ``path``. A write that
+    fails for want of space names no file (the write call knows only a descriptor)."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror or os.strerror(error.errno), str(path))
 
 
 def write_text(path: str | Path, text: str) -> Path:

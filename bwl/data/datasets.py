@@ -125,15 +125,20 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
     return ", ".join(head + tail)
 
 
-def read_caption(image: Path, fallback: str) -> str:
-    """The image's same-name ``.txt`` caption; warns and returns ``fallback`` where there is none."""
+def read_caption(image: Path) -> str | None:
+    """The image's same-name ``.txt`` caption, or None where there is none (or it is empty)."""
     txt = image.with_suffix(".txt")
     if txt.is_file():
         caption = txt.read_text(encoding="utf-8", errors="replace").strip()
         if caption:
             return caption
-    warnings.warn(f"{image}: no caption file {txt.name}; using {fallback!r}", stacklevel=2)
-    return fallback
+    return None
+
+
+def _captioned(images: list[Path], fallback: str) -> tuple[list[str], list[Path]]:
+    """Each image's caption (``fallback`` where it has none), and the images that had none."""
+    captions = [read_caption(image) for image in images]
+    return [c if c is not None else fallback for c in captions], [i for i, c in zip(images, captions) if c is None]
 
 
 def scan_images(folder: Path) -> tuple[list[Path], list[Skipped]]:
@@ -177,12 +182,19 @@ def scan_dataset(
             sources.append((sub, int(m.group(1))))
         elif not sub.name.startswith("."):
             skipped.append(Skipped(sub, "subfolder not named N_name (kohya repeats convention)"))
+    uncaptioned: list[Path] = []
     for source, n in sources:
         images, bad = scan_images(source)
         skipped += bad
-        examples += [Example(image, read_caption(image, fallback_caption), n, is_reg) for image in images]
+        captions, missing = _captioned(images, fallback_caption)
+        uncaptioned += missing
+        examples += [Example(image, caption, n, is_reg) for image, caption in zip(images, captions)]
     if not examples:
         raise DatasetError(f"{folder}: no usable images (skipped {len(skipped)} files)")
+    if uncaptioned:
+        names = ", ".join(p.name for p in uncaptioned[:3]) + (", …" if len(uncaptioned) > 3 else "")
+        warnings.warn(f"{folder}: {len(uncaptioned)} image(s) have no caption file ({names}); using "
+                      f"{fallback_caption!r}", stacklevel=2)
     return examples, skipped
 
 

@@ -1,6 +1,6 @@
 """Image and text encoders for reference metrics, loaded by hub id or local path through transformers'
 ``from_pretrained``: CLIP (image-image and text-image similarity, and the features the style measure reads) and
-DINOv2 (image-image similarity). Nothing here knows the study; :mod:`bwl.study.reference` builds the metrics.
+DINOv2 (image-image similarity). Nothing here knows the study; :mod:`bwl.study.scoring.reference` builds the metrics.
 
 Defaults are the public checkpoints peers report with (``openai/clip-vit-large-patch14``, ``facebook/dinov2-base``);
 a profile may name others, or a directory written by ``save_pretrained`` (the tests' tiny encoders, the toy CLIP).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,17 @@ def dpmpp_2m_karras(scheduler_config: dict) -> DPMSolverMultistepScheduler:
 
 class ModelNotFound(ConfigError):
     """A model that is neither a local pipeline directory nor a cached or downloadable hub id."""
+
+
+class _NoOfflineChatter(logging.Filter):
+    """Drops the hub client's "Couldn't connect to the Hub … Will try to load from local cache": offline, the cache is
+    what bwl reads anyway, and a model found in neither place gets :class:`ModelNotFound`, one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Couldn't connect to the Hub")
+
+
+diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").addFilter(_NoOfflineChatter())
 
 
 @contextmanager

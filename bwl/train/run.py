@@ -1,14 +1,10 @@
 """One prepared training run and its step: the fast path of block-wise adapter training.
 
-images + tag captions -> cached latents/text embeddings -> noise-prediction loss on the selected blocks' adapter.
-Every random choice of step ``s`` (batch order, flips, caption shuffles, noise, timesteps) is drawn from
-generators seeded by ``(seed, s)``, so a resumed run repeats an uninterrupted one exactly.
+images + tag captions -> cached latents/text embeddings (:mod:`bwl.train.batches`) -> noise-prediction loss on the
+selected blocks' adapter -> one optimizer step.
 """
 
 from __future__ import annotations
-
-import random
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,68 +17,13 @@ from diffusers.optimization import get_scheduler
 from bwl.adapters.block_lr import parameter_multiplier
 from bwl.adapters.spec import adapted_modules, add_adapter
 from bwl.adapters.text_encoder import add_text_encoder_adapter
-from bwl.data.datasets import Example, load_images, scan_dataset, shuffle_caption
 from bwl.sd.pipeline import load_pipeline
 from bwl.train import fast
-from bwl.train.cache import LatentCache, TextCache, encode_distribution, sample_latents, to_pixels
+from bwl.train.batches import Batches
 from bwl.train.config import TrainConfig
 from bwl.train.fast import cpu_convolutions
 
 ADAPTER = "default"
-
-
-@dataclass
-class TrainData:
-    """Examples flattened by repeats, with their images and captions ready for batching."""
-
-    examples: list[Example]
-    order: list[int]
-    images: list
-    skipped: list
-
-
-def prepare_data(config: TrainConfig) -> TrainData:
-    """Scan instance (and regularisation) folders; reg images are repeated or cut to match the instance count."""
-    fallback = ", ".join(w for w in (config.trigger, config.class_word) if w)
-    instance, skipped = scan_dataset(config.instance_dir, config.repeats, fallback)
-    order = [i for i, ex in enumerate(instance) for _ in range(ex.repeats)]
-    examples = list(instance)
-    if config.reg_dir:
-        reg, reg_skipped = scan_dataset(config.reg_dir, 1, config.class_word or fallback, is_reg=True)
-        skipped += reg_skipped
-        reg_order = [len(examples) + i for i, ex in enumerate(reg) for _ in range(ex.repeats)]
-        examples += reg
-        order += [reg_order[k % len(reg_order)] for k in range(len(order))]
-    images = load_images([ex.image for ex in examples], config.resolution)
-    return TrainData(examples, order, images, skipped)
-
-
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-
-
-def batch_indices(order: list[int], seed: int, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Example indices for a step: epochs of ``order`` shuffled by ``(seed, epoch)``, read sequentially."""
-    per_step = batch_size * world
-    start = step * per_step + rank * batch_size
-    out = []
-    for position in range(start, start + batch_size):
-        epoch, offset = divmod(position, len(order))
-        permutation = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
-        out.append(order[permutation[offset]])
-    return out
-
-
-def captions_for(data: TrainData, indices: list[int], config: TrainConfig, rng: random.Random) -> list[str]:
-    captions = []
-    for i in indices:
-        caption = data.examples[i].caption
-        if config.shuffle_tags:
-            caption = shuffle_caption(caption, config.keep_tokens, rng)
-        if config.caption_dropout and rng.random() < config.caption_dropout:
-            caption = ""
-        captions.append(caption)
-    return captions
 
 
 def denoising_loss(unet, noise_scheduler, latents, text, generator, fixed_timestep=None, weights=None) -> torch.Tensor:
@@ -109,13 +50,6 @@ def denoising_loss(unet, noise_scheduler, latents, text, generator, fixed_timest
     if weights is not None:
         per_example = per_example * weights
     return per_example.mean()
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor to ``device`` without a host sync on CUDA (pinned, non-blocking)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def parameter_groups(
@@ -155,101 +89,77 @@ def make_optimizer(groups: list[dict], config: TrainConfig, device: torch.device
     return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
+def prepare_models(pipe: StableDiffusionPipeline, config: TrainConfig, device: torch.device,
+                   weight_dtype: torch.dtype) -> fast.FastPath:
+    """Freeze the pipeline's models on ``device``, add the adapter (the U-Net's, and the text encoder's where it
+    trains) in float32, and apply the fast path's choices to the U-Net."""
+    unet, spec = pipe.unet, config.adapter_spec()
+    for module in (unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+    set_seed(config.seed)  # the LoRA init draws from the global RNGs
+    add_adapter(unet, spec, ADAPTER)
+    adapted = [unet]
+    if spec.text_encoder:
+        add_text_encoder_adapter(pipe.text_encoder, spec.rank, spec.alpha, ADAPTER)
+        pipe.text_encoder.train()
+        adapted.append(pipe.text_encoder)
+    for param in (p for model in adapted for p in model.parameters()):
+        if param.requires_grad:
+            param.data = param.data.float()
+    if weight_dtype != torch.float32:  # autocast picks the dtypes; peft's casts of every input to fp32 only copy
+        for module in adapted_modules(unet, ADAPTER).values():
+            module.cast_input_dtype_enabled = False
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    path = fast.prepare(unet, device, config.norms_in_compute_dtype, config.channels_last)
+    unet.train()
+    return path
+
+
 class TrainingRun:
-    """One prepared run: the U-Net with its adapter, optimizer, LR schedule and caches. :meth:`step` is the fast
+    """One prepared run: the U-Net with its adapter, its batches, optimizer and LR schedule. :meth:`step` is the fast
     path (cached latents and text, device-side noise, no host sync); :func:`train` adds logging and checkpoints."""
 
     def __init__(self, config: TrainConfig, pipe: StableDiffusionPipeline | None = None):
         if config.random_crop and config.cache_latents:
             raise ValueError("random_crop needs cache_latents=False: cached latents are of the fixed center crop")
-        self.config = config
-        self.spec = config.adapter_spec()
+        self.config, self.spec = config, config.adapter_spec()
         if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
             AcceleratorState._reset_state(reset_partial_state=True)  # a new precision in the same process (notebooks)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with,
-                                       project_dir=f"{config.output_dir}/logs" if config.log_with else None)
-        self.device = device = self.accelerator.device
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, log_with=config.log_with,
+            project_dir=f"{config.output_dir}/logs" if config.log_with else None)
+        self.device = device = accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-        self.data = prepare_data(config)
-        self.pipe = pipe = pipe or load_pipeline(config.model)
-        unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-        for module in (unet, self.vae, self.text_encoder):
-            module.requires_grad_(False)
-            module.to(device) if self.weight_dtype == torch.float32 else module.to(device, dtype=self.weight_dtype)
-        set_seed(config.seed)  # the LoRA init draws from the global RNGs
-        add_adapter(unet, self.spec, ADAPTER)
-        adapted = [unet]
-        if self.spec.text_encoder:
-            add_text_encoder_adapter(self.text_encoder, self.spec.rank, self.spec.alpha, ADAPTER)
-            self.text_encoder.train()
-            adapted.append(self.text_encoder)
-        for param in (p for model in adapted for p in model.parameters()):
-            if param.requires_grad:
-                param.data = param.data.float()
-        if (
-            self.weight_dtype != torch.float32
-        ):  # autocast picks the dtypes; peft's casts of every input to fp32 only copy
-            for module in adapted_modules(unet, ADAPTER).values():
-                module.cast_input_dtype_enabled = False
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.fast = fast.prepare(unet, device, config.norms_in_compute_dtype, config.channels_last)
-        unet.train()
-
+        self.pipe = pipe = pipe or load_pipeline(config.model)  # the model is checked before the data are read
+        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.fast = prepare_models(pipe, config, device, self.weight_dtype)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.latent_cache = (
-            LatentCache(self.vae, self.data.images, config.random_flip) if config.cache_latents else None
-        )
-        self.pixels = None if config.cache_latents else to_pixels(self.data.images)
-        text_forward = self.accelerator.prepare(self.text_encoder) if self.spec.text_encoder else self.text_encoder
-        self.text_cache = TextCache(pipe.tokenizer, text_forward, memoize=not config.shuffle_tags,
-                                    trainable=self.spec.text_encoder)
-        self.reg_weight = torch.tensor([config.prior_loss_weight if ex.is_reg else 1.0 for ex in self.data.examples])
-        groups = parameter_groups(unet, self.text_encoder if self.spec.text_encoder else None, config)
+        text_forward = accelerator.prepare(self.text_encoder) if self.spec.text_encoder else self.text_encoder
+        self.batches = Batches(config, pipe, text_forward, device, self.weight_dtype, accelerator.process_index,
+                               accelerator.num_processes)
+        self.batches.channels_last = self.fast.channels_last
+        self.data = self.batches.data
+        groups = parameter_groups(self.unet, self.text_encoder if self.spec.text_encoder else None, config)
         self.trainable = [p for group in groups for p in group["params"]]
         self.optimizer = make_optimizer(groups, config, device)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.steps)
-        self.unet = unet
-        self.compiled = fast.CompiledUNet(self.accelerator.prepare(unet), config.compile_backend,
+        self.compiled = fast.CompiledUNet(accelerator.prepare(self.unet), config.compile_backend,
                                           config.compile_mode) if config.compile_unet else None
-        self.forward_unet = self.compiled or self.accelerator.prepare(unet)
-        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.forward_unet = self.compiled or accelerator.prepare(self.unet)
+        self.optimizer = accelerator.prepare(self.optimizer)
         if device.type == "cpu":  # zeros of the training shape: the choice needs shapes, not an encoded batch
             side = config.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
-            latents = torch.zeros(config.batch_size, unet.config.in_channels, side, side)
-            text = torch.zeros(config.batch_size, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)
-            self.fast.cpu_convolutions = cpu_convolutions.choose(config.cpu_convolutions, unet, latents, text)
+            latents = torch.zeros(config.batch_size, self.unet.config.in_channels, side, side)
+            text = torch.zeros(config.batch_size, pipe.tokenizer.model_max_length,
+                               self.unet.config.cross_attention_dim)
+            self.fast.cpu_convolutions = cpu_convolutions.choose(config.cpu_convolutions, self.unet, latents, text)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
-        """Latents, text embeddings and loss weights of ``step``, plus the generator for its noise and timesteps.
-
-        On CPU one generator seeded by ``(seed, step)`` draws everything; on CUDA the flips come from it and the
-        latent samples, noise and timesteps from a CUDA generator with the same seed (so GPU runs differ from CPU).
-        """
-        config, device = self.config, self.device
-        host = step_generator(config.seed, step)
-        on_device = host if device.type == "cpu" else step_generator(config.seed, step, device)
-        rng = random.Random(config.seed * 1_000_003 + step)
-        indices = batch_indices(self.data.order, config.seed, step, config.batch_size,
-                                self.accelerator.process_index, self.accelerator.num_processes)
-        index = torch.tensor(indices)
-        flip = (
-            torch.rand(len(indices), generator=host) < 0.5
-            if config.random_flip
-            else torch.zeros(len(indices), dtype=torch.bool)
-        )
-        if self.latent_cache is not None:
-            latents = self.latent_cache.sample(to_device(index, device), to_device(flip, device), on_device)
-        else:
-            batch_pixels = torch.where(flip[:, None, None, None], self.pixels[index].flip(-1), self.pixels[index])
-            mean, std = encode_distribution(self.vae, to_device(batch_pixels, device))
-            latents = sample_latents(mean, std, self.vae.config.scaling_factor, on_device)
-        latents = latents.to(device, self.weight_dtype)
-        if self.fast.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        text = self.text_cache(captions_for(self.data, indices, config, rng)).to(device, self.weight_dtype)
-        return latents, text, to_device(self.reg_weight[index], device), on_device
+        """The batch of ``step`` (:class:`bwl.train.batches.Batches`)."""
+        return self.batches(step)
 
     def kernels(self):
         """The step's kernel choices (:meth:`bwl.train.fast.FastPath.kernels`)."""
