@@ -4,6 +4,7 @@ A page's tables are included from the files the study and the benchmarks write (
 its prose quotes a measured number (one with a decimal point: an effect, a CI, a time, a rate), that number must
 appear, as written, in one of the page's sources: the files it includes, and those it names in a comment
 ``<!-- numbers from: path ... -->``. A number retyped wrong, or left behind when its table changed, fails here.
+Settings (a threshold, a default) are written as code, and code is not prose.
 """
 
 import csv
@@ -21,9 +22,9 @@ HEADLINE = ROOT / "figures" / "replicate" / "headline.md"
 NUMBERS_FROM = re.compile(r"<!--\s*numbers from:(.*?)-->", re.S)
 INCLUDE = re.compile(r"```\{(?:include|literalinclude)\}\s+(\S+)")
 IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
-DECIMAL = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*\.\d+(?![\w.])")
-# Settings and names that look like measurements: the paper's arXiv id, the Python floor, the issue's speed targets.
-NOT_MEASURED = {"2403.07500", "3.10", "1.5"}
+DECIMAL = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*\.\d+(?!\w|\.\d)")  # not a version (2.13.0), not in a word
+# Names and settings that look like measurements: the arXiv id, the Python floor, a speed target, SD 1.4, CC BY 4.0.
+NOT_MEASURED = {"2403.07500", "3.10", "1.5", "1.4", "4.0"}
 
 
 def pages() -> list[Path]:

@@ -226,6 +226,12 @@ def test_missing_captions_are_one_warning_line_for_the_folder(tmp_path, tiny_dir
 SMOKE_FIG4B = ("--profile", "smoke", "--set", "grids=[fig4b]", "--set", "build_tiny=false")
 
 
+def in_folder(tmp_path, model) -> list[str]:
+    """A run of the saved tiny model whose every output goes under ``tmp_path``."""
+    return ["--set", f"model={model}", "--set", f"runs_dir={tmp_path / 'runs'}", "--set",
+            f"figures_dir={tmp_path / 'figures'}"]
+
+
 @pytest.mark.parametrize("stage, fault", [
     ("data", ("BWL_TEST_FULL_AT", ".txt")),  # a caption file, in notebook 01
     ("adapters", ("BWL_TEST_FULL_AT", "adapter.safetensors")),  # in notebook 02, in its training process
@@ -237,8 +243,8 @@ def test_a_full_disk_at_any_stage_of_a_run_is_one_line_and_status_2(tmp_path, ti
     (tmp_path / "hook" / "sitecustomize.py").write_text(FULL_DISK_HOOK)
     key, value = fault
     env = {"PYTHONPATH": str(tmp_path / "hook"), key: value} if key != "limit" else {}
-    done = bwl_command("run", *SMOKE_FIG4B, "--set", f"model={tiny_dir}", "--set", f"runs_dir={tmp_path / 'runs'}",
-                       env=env, limit_bytes=value if key == "limit" else None)
+    done = bwl_command("run", *SMOKE_FIG4B, *in_folder(tmp_path, tiny_dir), env=env,
+                       limit_bytes=value if key == "limit" else None)
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("bwl: error:"), errors
@@ -247,8 +253,7 @@ def test_a_full_disk_at_any_stage_of_a_run_is_one_line_and_status_2(tmp_path, ti
 
 
 def test_two_runs_sharing_a_folder_train_each_adapter_once(tmp_path, tiny_dir):
-    args = [sys.executable, "-m", "bwl", "run", *SMOKE_FIG4B, "--set", f"model={tiny_dir}", "--set",
-            f"runs_dir={tmp_path / 'runs'}"]
+    args = [sys.executable, "-m", "bwl", "run", *SMOKE_FIG4B, *in_folder(tmp_path, tiny_dir)]
     runs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]
     logs = [run.communicate(timeout=900)[0] for run in runs]

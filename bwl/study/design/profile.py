@@ -1,4 +1,4 @@
-"""Profiles: one study setting each, as a small YAML file in ``bwl/study/profiles/`` ("the defaults, except…"; a
+"""Profiles: one study setting each, as a small YAML file in ``bwl/study/design/profiles/`` ("the defaults, except…"; a
 profile may ``extends: <another>`` and change only what differs).
 
 A run is ``defaults + one profile + overrides`` and nothing else; unknown keys are refused with their names.
@@ -164,7 +164,7 @@ def _with_base(path: Path) -> dict:
 
 
 def load_profile(name: str = "toy", overrides: dict | None = None) -> Profile:
-    """``bwl/study/profiles/<name>.yaml`` (or a YAML path) plus overrides; unknown keys raise naming them."""
+    """``bwl/study/design/profiles/<name>.yaml`` (or a YAML path) plus overrides; unknown keys raise naming them."""
     path = Path(name) if name.endswith((".yaml", ".yml", ".json")) else PROFILES / f"{name}.yaml"
     if not path.is_file():
         valid = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))

@@ -10,6 +10,7 @@ from bwl.sd.pipeline import load_pipeline
 from bwl.study.design.profile import load_profile
 from bwl.study.design.vocabulary import BASE, FIDELITY, ID_ALONE, STYLE_ALONE
 from bwl.study.running.study import Study
+from bwl.study.scoring.metrics import Estimate
 from bwl.study.scoring.results import CellResult
 from bwl.toy.assets import PROBE_PATH
 from bwl.toy.probes import load_probe
@@ -29,14 +30,14 @@ def seen_prompt_accuracy(pipe, probe, count: int = 64, seed: int = 7, steps: int
     return accuracy
 
 
-def adapter_gates(results: list[CellResult]) -> dict[str, str]:
+def adapter_gates(results: list[CellResult]) -> dict[str, Estimate]:
     """Identity and style fidelity of the base model vs each full adapter alone (LoRA and LoCon grids)."""
     out = {}
     for row in results:
         if row.grid in ("fig2", "fig3") and row.cell in (BASE, ID_ALONE, STYLE_ALONE):
             for metric in FIDELITY:
                 if row[metric].n:
-                    out[f"{row.grid} {row.cell} {metric.value}"] = str(row[metric])
+                    out[f"{row.grid} {row.cell} {metric.value}"] = row[metric]
     return out
 
 
@@ -65,6 +66,8 @@ def gates_markdown(measured: dict, command: str = "python -m bwl gates") -> str:
         for cell, metric in ((ID_ALONE, "identity"), (STYLE_ALONE, "style")):
             shown, base = adapters.get(f"{grid} {cell} {metric}"), adapters.get(f"{grid} {BASE} {metric}")
             if shown and base:
-                lines.append(f"| {method} {cell} (all blocks) makes the {metric} appear with its trigger | well above "
-                             f"the base model | {shown} vs base {base} | |")
+                above = shown.mean - shown.ci > base.mean + base.ci
+                verdict = "met" if above else "**not met**"
+                lines.append(f"| {method} {cell} (all blocks) makes the {metric} appear with its trigger | above the "
+                             f"base model, 95 % CIs apart | {shown} vs base {base} | {verdict} |")
     return "\n".join(lines) + "\n"
