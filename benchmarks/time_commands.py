@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("target", choices=sorted(TARGETS))
     parser.add_argument("--commit", default="HEAD")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--note", default="", help="what else the row should say (e.g. the kernels it ran with)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
@@ -68,7 +69,8 @@ def main() -> None:
                 (kept / name).write_bytes((clone / "figures" / name).read_bytes())
         summary = re.findall(r"\d+ passed[^\n]*", done.stdout)
         result = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
-        result += f": {summary[-1].strip('= ')}" if summary else ""
+        result += ": " + "; ".join(s.strip("= ") for s in summary) if summary else ""
+        result += f"; {args.note}" if args.note else ""
     record(f"make {args.target}", commit, minutes, result)
     print(TABLE.read_text())
 
