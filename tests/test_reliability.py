@@ -236,6 +236,7 @@ def in_folder(tmp_path, model) -> list[str]:
     ("data", ("BWL_TEST_FULL_AT", ".txt")),  # a caption file, in notebook 01
     ("adapters", ("BWL_TEST_FULL_AT", "adapter.safetensors")),  # in notebook 02, in its training process
     ("cells", ("BWL_TEST_FULL_AT", "scores.json")),  # the cell's last file, in notebook 03
+    ("figures", ("BWL_TEST_FULL_AT", "fig4b.png")),  # in notebook 04
     ("executed notebook", ("limit", 60_000)),  # papermill's own write of notebook 01 (no file may pass 60 kB)
 ])
 def test_a_full_disk_at_any_stage_of_a_run_is_one_line_and_status_2(tmp_path, tiny_dir, stage, fault):

@@ -43,7 +43,9 @@ def run_study(profile: str = "toy", overrides: dict | None = None, notebooks: tu
                     parameters={"profile": profile, "overrides": json.loads(json.dumps(overrides or {})),
                                 "interactive": False},
                     progress_bar=False, log_output=False,  # the study's own lines reach the console (console.log)
-                    extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not the kernel's TCP warning at every start
+                    # not the kernel's TCP warning at every start, nor its "KeyboardInterrupt caught" when it is shut
+                    # down idle: a failed cell reaches the console as StudyFailed, a dead kernel as nbclient's error
+                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
                 )
             except PapermillExecutionError as err:
                 raise StudyFailed(
