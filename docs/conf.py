@@ -8,6 +8,8 @@ files the study and the benchmarks write (``figures/``, ``benchmarks/results/``)
 import shutil
 from pathlib import Path
 
+from bwl.study.running.notebook_files import repository_url
+
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 
@@ -15,7 +17,11 @@ project = "bwl"
 author = "the bwl authors"
 copyright = "2026, the bwl authors"
 extensions = ["myst_nb"]
-myst_enable_extensions = ["colon_fence", "dollarmath"]
+myst_enable_extensions = ["colon_fence", "dollarmath", "substitution"]
+_repository = repository_url().removeprefix("https://github.com/")
+_colab = f"https://colab.research.google.com/github/{_repository}/blob/main/notebooks"
+myst_substitutions = {"repository": repository_url(),  # pyproject.toml's [project.urls], the notebooks' one place
+                      "colab_first": f"[01 · data preparation]({_colab}/01_data_preparation.ipynb)"}
 myst_heading_anchors = 4
 nb_execution_mode = "off"  # the notebooks' stored outputs (from a smoke run, what nbval checks) are shown
 nb_merge_streams = True
