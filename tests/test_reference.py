@@ -12,6 +12,8 @@ from bwl.sd.pipeline import ModelNotFound
 from bwl.sd.tiny import build_tiny_encoders
 from bwl.study.scoring.reference import centroid_similarity, gram_matrices, gram_similarity, plain_prompt, vendi_score
 
+from .conftest import assert_float32_equal, float32_bound
+
 
 def test_vendi_score_on_hand_computed_cases():
     assert vendi_score(torch.ones(5, 3)) == pytest.approx(1.0)  # five copies of one item: one effective item
@@ -55,7 +57,8 @@ def test_encoders_load_by_path_and_a_missing_one_is_named(tmp_path, monkeypatch)
     for encoder in (clip, dino):
         embeddings = encoder.embed(images, batch_size=2)
         assert embeddings.shape[0] == 3 and torch.allclose(embeddings.norm(dim=-1), torch.ones(3))
-        assert torch.allclose(embeddings, encoder.embed(images))  # batching changes nothing
+        # batches of 2 and of 3 are two code paths (other GEMM shapes): equal up to float32 rounding
+        assert_float32_equal(encoder.embed(images), embeddings, float32_bound(encoder.model))
     assert clip.embed_text(["a photo of sks dog"]).shape == (1, clip.embed(images).shape[1])
     assert [h.shape[1] for h in dino.hidden_states(images, [1, 2])] == [16, 16]  # (32 / 8)² patches
     with pytest.raises(ModelNotFound, match="'nobody/none-such'.*hf download"):
