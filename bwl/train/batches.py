@@ -84,9 +84,10 @@ class Batches:
     fixed) and per-example loss weights (``prior_loss_weight`` for regularization images)."""
 
     def __init__(self, config: TrainConfig, pipe: StableDiffusionPipeline, text_forward: torch.nn.Module,
-                 device: torch.device, weight_dtype: torch.dtype, rank: int = 0, world: int = 1):
+                 device: torch.device, weight_dtype: torch.dtype, rank: int = 0, world: int = 1,
+                 channels_last: bool = False):
         """``text_forward``: the text encoder as the step calls it (prepared by accelerate when it trains);
-        ``rank``/``world``: this process's share of each step's examples."""
+        ``rank``/``world``: this process's share of each step's examples; ``channels_last``: the latents' layout."""
         self.config, self.device, self.weight_dtype, self.rank, self.world = config, device, weight_dtype, rank, world
         self.data = prepare_data(config)
         self.vae = pipe.vae
@@ -96,7 +97,7 @@ class Batches:
         trainable = config.adapter_spec().text_encoder
         self.text_cache = TextCache(pipe.tokenizer, text_forward, memoize=not config.shuffle_tags, trainable=trainable)
         self.reg_weight = torch.tensor([config.prior_loss_weight if ex.is_reg else 1.0 for ex in self.data.examples])
-        self.channels_last = False
+        self.channels_last = channels_last
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
         """Latents, text embeddings and loss weights of ``step``, plus the generator for its noise and timesteps.

@@ -138,8 +138,7 @@ class TrainingRun:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         text_forward = accelerator.prepare(self.text_encoder) if self.spec.text_encoder else self.text_encoder
         self.batches = Batches(config, pipe, text_forward, device, self.weight_dtype, accelerator.process_index,
-                               accelerator.num_processes)
-        self.batches.channels_last = self.fast.channels_last
+                               accelerator.num_processes, self.fast.channels_last)
         self.data = self.batches.data
         groups = parameter_groups(self.unet, self.text_encoder if self.spec.text_encoder else None, config)
         self.trainable = [p for group in groups for p in group["params"]]

@@ -105,8 +105,8 @@ class CellRenderer:
         self.device_type = pipe.device.type if pipe is not None else "cpu"
 
     def key(self, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> str:
-        return cell_key(self.profile, cell, prompts, seeds, self.model_fingerprint,
-                        {k: self.file_hashes[k] for k in cell.weights}, self.scope, self.device_type)
+        return cell_key(self.profile, cell, prompts, seeds, self.model_fingerprint, self.file_hashes, self.scope,
+                        self.device_type)
 
     def render_many(self, jobs: Sequence[tuple[Cell, Sequence[str], Sequence[int]]],
                     done: Callable[[], object] = lambda: None) -> list[tuple[str, bool]]:

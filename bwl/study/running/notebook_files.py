@@ -63,8 +63,9 @@ def drop_injected_parameters(folder: Path = ROOT / "notebooks") -> list[Path]:
     changed = []
     for path in sorted(folder.glob("*.ipynb")):
         notebook = json.loads(path.read_text())
-        if injected_cells(notebook):
-            notebook["cells"] = [c for i, c in enumerate(notebook["cells"]) if i not in injected_cells(notebook)]
+        injected = injected_cells(notebook)
+        if injected:
+            notebook["cells"] = [c for i, c in enumerate(notebook["cells"]) if i not in injected]
             _write(path, notebook)
             changed.append(path)
     return changed
