@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -42,7 +43,8 @@ def test_round_trip_is_exact(pipe, tiny_dir, tmp_path):
 def test_metadata_records_the_run(pipe, tmp_path):
     path = trained_file(pipe, tmp_path / "a.safetensors", LOCON)
     info = read_info(path)
-    assert info.spec == LOCON
+    assert info.spec == dataclasses.replace(LOCON, architecture="sd1")  # the file records the layout it was made in
+    assert read_metadata(path)["bwl_architecture"] == "sd1"
     assert (info.base_model, info.trigger, info.steps) == ("tiny-sd", "sks", 123)
     assert info.block_ranks["OUT09"] == 8 and info.block_ranks["IN01"] == 4 and "M00" not in info.block_ranks
     meta = read_metadata(path)

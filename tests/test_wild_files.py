@@ -131,7 +131,7 @@ def test_modules_outside_the_nine_blocks_are_listed_not_placed_and_import_drops_
     report = inspect_adapter(path)
     assert set(report.not_placed) == {"conv_in", "time_embedding_linear_1"} and report.blocks == "OUT3"
     table = report.table()
-    assert "not placed (outside the nine blocks): conv_in" in table and "time_embedding_linear_1" in table
+    assert "not placed (outside the paper blocks): conv_in" in table and "time_embedding_linear_1" in table
     assert "unreadable kohya metadata: ss_max_train_steps" in table
     with pytest.raises(AdapterFileError, match="lora_unet_conv_in, lora_unet_time_embedding_linear_1; pass drop"):
         import_kohya(path, pipe, tmp_path / "refused.safetensors")
@@ -148,7 +148,7 @@ def test_a_block_sd1_does_not_have_is_an_error_naming_the_key_and_the_valid_bloc
     down, up = (f"{key}.lora_down.weight", f"{key}.lora_up.weight") if key.startswith("lora_") else (
         f"{key}.lora_A.weight", f"{key}.lora_B.weight")
     save_file({down: torch.zeros(2, 8), up: torch.zeros(8, 2)}, str(tmp_path / "nine.safetensors"))
-    with pytest.raises(AdapterFileError, match=rf"key '{key}.*a block SD1.x does not have; valid blocks: "
+    with pytest.raises(AdapterFileError, match=rf"key '{key}.*a block SD 1.x does not have; valid blocks: "
                                                 r"IN0 \(down_blocks.0\), .*MID \(mid_block\), .*OUT3 \(up_blocks.3\)"):
         inspect_adapter(tmp_path / "nine.safetensors")
     assert main(["inspect", str(tmp_path / "nine.safetensors")]) == 2

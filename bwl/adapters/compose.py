@@ -16,24 +16,24 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
 from peft.tuners.lora import LoraLayer
 from peft.utils import set_peft_model_state_dict
 
 from bwl.adapters.blocks import block_weights, fine_block
 from bwl.adapters.files import check_safetensors
+from bwl.adapters.fitting import fitted_modules, lokr_options
 from bwl.adapters.metadata import AdapterFileError
 from bwl.adapters.methods import carries, is_adapter_layer, plain_lora
-from bwl.adapters.modules import AdapterContents, ModuleAdapter, fitted_modules, lokr_options, read_modules
-from bwl.adapters.spec import config_for_modules
-from bwl.sd.pipeline import quiet_loading
+from bwl.adapters.modules import AdapterContents, ModuleAdapter, read_modules
+from bwl.adapters.spec import config_for_modules, unet_architecture
+from bwl.sd.pipeline import Pipeline, quiet_loading, text_encoders
 
 BlockWeights = float | str | Mapping[str, float] | Sequence[float]
 
 
 def _no_text_encoder_notice(record: logging.LogRecord) -> bool:
     """False for diffusers' notice that a file has no text-encoder LoRA (most of bwl's files are U-Net only)."""
-    return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")
+    return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")  # (WithProjection too)
 
 
 def _base_weights_missing_report(record: logging.LogRecord) -> bool:
@@ -46,14 +46,14 @@ def _base_weights_missing_report(record: logging.LogRecord) -> bool:
     return not rows or any("MISSING" not in row or "lora_" in row for row in rows)
 
 
-def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> None:
-    """Load a bwl or kohya/A1111 adapter file into ``pipe`` as adapter ``name``, U-Net and text encoder alike.
+def load_adapter(pipe: Pipeline, path: str | Path, name: str) -> None:
+    """Load a bwl or kohya/A1111 adapter file into ``pipe`` as adapter ``name``, U-Net and text encoders alike.
 
     The file is read and checked first (:func:`bwl.adapters.modules.fitted_modules`): a module the model does not have,
     or one whose shapes do not fit, is an :class:`AdapterFileError` naming it and both shapes.
     """
     path = check_safetensors(path)
-    contents, resolved = fitted_modules(path, pipe.unet, getattr(pipe, "text_encoder", None))
+    contents, resolved = fitted_modules(path, pipe.unet, text_encoders(pipe))
     if contents.method in ("lora", "locon"):
         stacked = sorted({n for m in pipe.unet.modules() if is_adapter_layer(m) and not isinstance(m, LoraLayer)
                           for layer in m.adapter_layer_names for n in getattr(m, layer, {})})
@@ -78,7 +78,7 @@ def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> 
 
 
 def _load_with_peft(
-    pipe: StableDiffusionPipeline, contents: AdapterContents, modules: dict[str, ModuleAdapter], name: str
+    pipe: Pipeline, contents: AdapterContents, modules: dict[str, ModuleAdapter], name: str
 ) -> None:
     """Add adapter ``name`` to the U-Net with the peft config ``modules`` imply, and load their tensors into it."""
     if contents.text_encoder:
@@ -98,10 +98,10 @@ def _load_with_peft(
     pipe.unet.requires_grad_(False)
 
 
-def load_adapters(pipe: StableDiffusionPipeline, files: Mapping[str, str | Path]) -> None:
+def load_adapters(pipe: Pipeline, files: Mapping[str, str | Path]) -> None:
     """Load adapter files into ``pipe`` under the given names (already loaded names are skipped): LoRA-family files
     first, as peft can stack LoHa, LoKr and OFT layers on LoRA layers but not the other way round."""
-    loaded = set(pipe.get_list_adapters().get("unet", [])) | set(pipe.get_list_adapters().get("text_encoder", []))
+    loaded = {n for names in pipe.get_list_adapters().values() for n in names}
     todo = {name: path for name, path in files.items() if name not in loaded}
     order = sorted(todo, key=lambda name: read_modules(todo[name]).method not in ("lora", "locon"))
     for name in order:
@@ -114,30 +114,29 @@ def _weight_key(module_name: str) -> str | None:
     return fine_block(module_name)
 
 
-def set_block_weights(
-    pipe: StableDiffusionPipeline, adapters: Mapping[str, BlockWeights]
-) -> dict[str, dict[str, float]]:
+def set_block_weights(pipe: Pipeline, adapters: Mapping[str, BlockWeights]) -> dict[str, dict[str, float]]:
     """Activate exactly ``adapters`` (name -> weights) and scale every LoRA layer by its block's weight.
 
-    Weights per adapter are anything :func:`bwl.blocks.block_weights` reads: a number, a paper spec such as
-    ``"upper"``, an LBW preset or vector, or a per-block dict. Text-encoder layers take ``BASE``; U-Net layers
-    outside the 25 fine blocks (time embedding, conv_out) take 1.0, or the number when the weight is a number.
-    Adapters not named are deactivated. Returns the resolved per-block weights.
+    Weights per adapter are anything :func:`bwl.adapters.blocks.block_weights` reads in the U-Net's layout: a number,
+    a paper spec such as ``"upper"``, an LBW preset or vector (17/26 values on SD 1.x, 12/20 on SDXL), or a per-block
+    dict. Text-encoder layers (both of SDXL's) take ``BASE``; U-Net layers outside the fine blocks (time embedding,
+    conv_out) take 1.0, or the number when the weight is a number. Adapters not named are deactivated. Returns the
+    resolved per-block weights.
     """
     names = list(adapters)
-    available = set(pipe.get_list_adapters().get("unet", [])) | set(pipe.get_list_adapters().get("text_encoder", []))
+    available = {n for loaded in pipe.get_list_adapters().values() for n in loaded}
     missing = [n for n in names if n not in available]
     if missing:
         raise KeyError(f"adapters not loaded: {missing}; loaded: {sorted(available)}")
-    resolved = {name: block_weights(w) for name, w in adapters.items()}
+    arch = unet_architecture(pipe.unet)
+    resolved = {name: block_weights(w, arch) for name, w in adapters.items()}
     if not names:
         pipe.disable_lora()
         return resolved
     pipe.enable_lora()
     scalar = {n: float(w) for n, w in adapters.items() if isinstance(w, (int, float)) and not isinstance(w, bool)}
-    for component, is_text_encoder in ((pipe.unet, False), (getattr(pipe, "text_encoder", None), True)):
-        if component is None:
-            continue
+    components = [(pipe.unet, False)] + [(encoder, True) for encoder in text_encoders(pipe).values()]
+    for component, is_text_encoder in components:
         for module_name, module in component.named_modules():
             if not is_adapter_layer(module):
                 continue

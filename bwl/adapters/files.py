@@ -2,9 +2,11 @@
 
 Layout (diffusers' own): tensors ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (or the method's own peft
 tensors: ``lora_magnitude_vector``, ``hada_w1_a``…, ``lokr_w1``…, ``oft_R.weight``), and
-``text_encoder.<module>...`` when the text encoder is adapted too; metadata ``lora_adapter_metadata`` (the peft configs
-keyed ``unet.*`` and ``text_encoder.*``, so ranks and alphas reload exactly) plus ``bwl_*`` keys that record method,
-blocks, per-block ranks, alpha, base model, trigger word, steps and bwl version (:mod:`bwl.adapters.metadata`).
+``text_encoder.<module>...`` (and SDXL's ``text_encoder_2.<module>...``) when the text encoders are adapted too;
+metadata ``lora_adapter_metadata`` (the peft configs keyed ``unet.*``, ``text_encoder.*`` and ``text_encoder_2.*``, so
+ranks and alphas reload exactly; SDXL pipelines' ``load_lora_weights`` reads the same layout) plus ``bwl_*`` keys that
+record method, blocks, per-block ranks, alpha, base model, trigger word, steps, layout and bwl version
+(:mod:`bwl.adapters.metadata`).
 Each adapter is saved on its own, which avoids the mixed-format pitfall of
 ``convert_state_dict_to_diffusers`` (see NOTES.md).
 """
@@ -12,6 +14,7 @@ Each adapter is saved on its own, which avoids the mixed-format pitfall of
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +81,23 @@ def has_adapter(model: torch.nn.Module | None, name: str) -> bool:
     return model is not None and any(carries(m, name) for m in model.modules())
 
 
-def adapter_state_dict(
-    unet: torch.nn.Module, name: str, text_encoder: torch.nn.Module | None = None
-) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors with diffusers' ``unet.``/``text_encoder.`` prefixes, contiguous, on the CPU."""
+TextEncoders = Mapping[str, torch.nn.Module] | torch.nn.Module | None
+
+
+def encoders_by_name(text_encoder: TextEncoders) -> dict[str, torch.nn.Module]:
+    """Text encoders keyed by pipeline attribute (a bare module is ``text_encoder``)."""
+    if text_encoder is None:
+        return {}
+    if isinstance(text_encoder, torch.nn.Module):
+        return {"text_encoder": text_encoder}
+    return {k: v for k, v in text_encoder.items() if v is not None}
+
+
+def adapter_state_dict(unet: torch.nn.Module, name: str, text_encoder: TextEncoders = None) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors with diffusers' ``unet.``/``text_encoder.``/``text_encoder_2.`` prefixes,
+    contiguous, on the CPU. ``text_encoder``: one module, or the text encoders by pipeline attribute."""
     state = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for prefix, model in (("unet", unet), *encoders_by_name(text_encoder).items()):
         if prefix == "unet" or has_adapter(model, name):
             for key, value in get_peft_model_state_dict(model, adapter_name=name).items():
                 state[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous()
@@ -99,17 +113,21 @@ def save_adapter(
     trigger: str = "",
     steps: int = 0,
     dtype: torch.dtype | None = None,
-    text_encoder: torch.nn.Module | None = None,
+    text_encoder: TextEncoders = None,
     training: dict[str, str] | None = None,
 ) -> Path:
-    """Write adapter ``name`` of ``unet`` (and of ``text_encoder``, where it has one) to ``path`` atomically.
-    ``training`` adds ``bwl_*`` fields on how it was trained (per-block learning rates, LoRA+)."""
-    tensors = adapter_state_dict(unet, name, text_encoder)
+    """Write adapter ``name`` of ``unet`` (and of the text encoders, where they have one) to ``path`` atomically.
+    ``text_encoder``: one module, or SDXL's two by pipeline attribute. ``training`` adds ``bwl_*`` fields on how it
+    was trained (per-block learning rates, LoRA+)."""
+    spec = spec.bind(unet)
+    encoders = encoders_by_name(text_encoder)
+    tensors = adapter_state_dict(unet, name, encoders)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    if spec.text_encoder != has_adapter(text_encoder, name):
-        raise AdapterFileError(f"{path}: the spec says text_encoder={spec.text_encoder}, but the text encoder "
-                               f"{'lacks' if spec.text_encoder else 'has'} adapter {name!r}")
+    for attribute, model in (encoders.items() if encoders else {"text_encoder": None}.items()):
+        if spec.text_encoder != has_adapter(model, name):
+            raise AdapterFileError(f"{path}: the spec says text_encoder={spec.text_encoder}, but {attribute} "
+                                   f"{'lacks' if spec.text_encoder else 'has'} adapter {name!r}")
     bwl_metadata = {
         "bwl_method": spec.method,
         "bwl_blocks": spec.blocks,
@@ -119,11 +137,12 @@ def save_adapter(
         "bwl_base_model": str(base_model),
         "bwl_trigger": str(trigger),
         "bwl_steps": str(int(steps)),
+        "bwl_architecture": spec.arch.name,
         **(training or {}),
     }
     configs = {"unet": unet.peft_config[name].to_dict()}
     if spec.text_encoder:
-        configs["text_encoder"] = text_encoder.peft_config[name].to_dict()
+        configs.update({attribute: model.peft_config[name].to_dict() for attribute, model in encoders.items()})
     return write_adapter_file(path, tensors, configs, bwl_metadata)
 
 

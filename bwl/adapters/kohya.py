@@ -1,7 +1,9 @@
 """kohya/A1111 and LyCORIS interchange: export bwl adapters to ``lora_unet_*``/``lora_te_*`` files, import such files.
 
-kohya names a U-Net module ``lora_unet_`` + its diffusers name with dots as underscores, a text-encoder module
-``lora_te_text_model_...``, and stores ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (scale = alpha / rank).
+kohya names an SD 1.x/2.x U-Net module ``lora_unet_`` + its diffusers name with dots as underscores, an SDXL one by
+the original model's name (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), a text-encoder module
+``lora_te_text_model_...`` (SDXL: ``lora_te1_``, ``lora_te2_``), and stores ``.lora_down.weight``, ``.lora_up.weight``
+and ``.alpha`` (scale = alpha / rank).
 LyCORIS, which A1111 and ComfyUI also read, adds per method:
 
 - DoRA: ``.dora_scale``, one magnitude per output channel (``wd_on_output``), shaped ``(out, 1)`` or ``(out, 1, 1, 1)``;
@@ -10,8 +12,9 @@ LyCORIS, which A1111 and ComfyUI also read, adds per method:
   that a module whose two factors are both kept whole is scaled by 1 (bwl folds peft's scale into ``lokr_w1`` then).
 
 Training settings live in ``ss_*`` metadata: ``ss_network_module`` (``networks.lora``, or ``lycoris.kohya`` with
-``algo``, ``conv_dim``, ``conv_alpha`` and ``dora_wd`` in ``ss_network_args``), per-block ranks as 25-value
-``block_dims``. OFT files are not exported: LyCORIS' Diag-OFT parametrizes the rotation differently from peft's.
+``algo``, ``conv_dim``, ``conv_alpha`` and ``dora_wd`` in ``ss_network_args``), per-block ranks as ``block_dims``
+(25 values on SD 1.x, 23 on SDXL), and the base model's kind in ``ss_base_model_version``. OFT files are not
+exported: LyCORIS' Diag-OFT parametrizes the rotation differently from peft's.
 Import checks every module's name and shapes against the target model before it writes anything.
 """
 
@@ -22,32 +25,43 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from bwl.adapters.blocks import FINE_BLOCKS, fine_block, format_blocks, paper_block
+from bwl.adapters.architectures import Architecture, sgm_name
+from bwl.adapters.blocks import fine_block, format_blocks, paper_block
 from bwl.adapters.files import write_adapter_file
+from bwl.adapters.fitting import check_fits, lokr_options
 from bwl.adapters.metadata import AdapterFileError, bwl_fields, kohya_fields
 from bwl.adapters.methods import METHODS, method_label, plain_lora
-from bwl.adapters.modules import ModuleAdapter, check_fits, lokr_options, read_modules
-from bwl.adapters.spec import config_for_modules
-from bwl.adapters.text_encoder import KOHYA_PREFIX, kohya_module_name
+from bwl.adapters.modules import ModuleAdapter, read_modules
+from bwl.adapters.spec import config_for_modules, unet_architecture
+from bwl.adapters.text_encoder import kohya_module_name, kohya_prefix
 from bwl.core.atomic import atomic_path
+from bwl.sd.pipeline import Pipeline, text_encoders
 
 
-def _block_list(values: dict[str, float], default: float = 0) -> str:
-    return ",".join(f"{values.get(f, default):g}" for f in FINE_BLOCKS)
+def _block_list(values: dict[str, float], arch: Architecture, default: float = 0) -> str:
+    """One value per kohya slot (SDXL's three middle slots take M00's, its EMB and OUT slots 0)."""
+    slots = [arch.fine_block_of_slot(slot) for slot in arch.kohya_slots]
+    return ",".join(f"{values.get(f, default) if f else 0:g}" for f in slots)
+
+
+def kohya_unet_name(module_name: str, arch: Architecture) -> str:
+    """kohya's key (``lora_unet_…``) for a diffusers U-Net module name in layout ``arch``."""
+    name = (sgm_name(module_name, arch) or module_name) if arch.kohya_sgm_names else module_name
+    return f"lora_unet_{name.replace('.', '_')}"
 
 
 def _most_common(modules: list[ModuleAdapter]) -> tuple[int, float]:
     return Counter((m.rank, m.alpha) for m in modules).most_common(1)[0][0]
 
 
-def _network_args(linear: list[ModuleAdapter], conv: list[ModuleAdapter], alpha: float, spec: dict) -> dict[str, str]:
+def _network_args(linear: list[ModuleAdapter], conv: list[ModuleAdapter], alpha: float, spec: dict,
+                  arch: Architecture) -> dict[str, str]:
     """kohya's ``ss_network_args``: per-block dims and alphas, and the conv settings of a LoCon."""
     args = {
-        "block_dims": _block_list({fine_block(m.name): m.rank for m in linear}),
-        "block_alphas": _block_list({fine_block(m.name): m.alpha for m in linear}, alpha),
+        "block_dims": _block_list({fine_block(m.name): m.rank for m in linear}, arch),
+        "block_alphas": _block_list({fine_block(m.name): m.alpha for m in linear}, arch, alpha),
     }
     if conv:
         conv_dim, conv_alpha = _most_common(conv)
@@ -57,8 +71,8 @@ def _network_args(linear: list[ModuleAdapter], conv: list[ModuleAdapter], alpha:
         args.update(
             conv_dim=str(conv_dim),
             conv_alpha=f"{conv_alpha:g}",
-            conv_block_dims=_block_list({fine_block(m.name): m.rank for m in conv}),
-            conv_block_alphas=_block_list({fine_block(m.name): m.alpha for m in conv}, conv_alpha),
+            conv_block_dims=_block_list({fine_block(m.name): m.rank for m in conv}, arch),
+            conv_block_alphas=_block_list({fine_block(m.name): m.alpha for m in conv}, arch, conv_alpha),
         )
     return args
 
@@ -85,7 +99,7 @@ def kohya_tensors(module: ModuleAdapter, key: str) -> dict[str, torch.Tensor]:
 
 def _lycoris_args(contents, linear: list[ModuleAdapter], conv: list[ModuleAdapter], alpha: float, spec: dict):
     """``ss_network_module`` and ``ss_network_args`` as kohya (plain LoRA/LoCon) or LyCORIS (the rest) write them."""
-    args = _network_args(linear, conv, alpha, spec)
+    args = _network_args(linear, conv, alpha, spec, contents.arch)
     method = METHODS[contents.method]
     if method.lycoris_algo is None and not contents.dora:
         return "networks.lora", args
@@ -99,18 +113,20 @@ def _lycoris_args(contents, linear: list[ModuleAdapter], conv: list[ModuleAdapte
 
 def export_kohya(path: str | Path, out: str | Path) -> Path:
     """Convert a bwl adapter file to kohya/A1111 (LoRA, LoCon) or LyCORIS (DoRA, LoHa, LoKr) format, with true alphas
-    and ``ss_*`` metadata. OFT is refused by name."""
+    and ``ss_*`` metadata; SDXL files get the original model's module names and ``lora_te1_``/``lora_te2_``. OFT is
+    refused by name."""
     contents = read_modules(path)
     if contents.format != "diffusers":
         raise AdapterFileError(f"{path}: already in kohya format")
-    meta = contents.metadata
+    meta, arch = contents.metadata, contents.arch
     spec = bwl_fields(path, meta).get("bwl_spec", {})
     kohya: dict[str, torch.Tensor] = {}
     try:
         for m in contents.unet + contents.unplaced:
-            kohya.update(kohya_tensors(m, f"lora_unet_{m.name.replace('.', '_')}"))
-        for m in contents.text_encoder:  # diffusers' converter names SD1's text encoder lora_te1 (SDXL's name)
-            kohya.update(kohya_tensors(m, KOHYA_PREFIX + kohya_module_name(m.name)))
+            kohya.update(kohya_tensors(m, kohya_unet_name(m.name, arch)))
+        for component, modules in contents.text_encoders.items():
+            for m in modules:
+                kohya.update(kohya_tensors(m, kohya_prefix(component, arch) + kohya_module_name(m.name)))
     except AdapterFileError as err:
         raise AdapterFileError(f"{path}: {err}") from None
     linear = [m for m in contents.unet if not m.is_conv3x3]
@@ -124,8 +140,8 @@ def export_kohya(path: str | Path, out: str | Path) -> Path:
         "ss_network_dim": str(dim),
         "ss_network_alpha": f"{alpha:g}",
         "ss_network_args": json.dumps(args),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": arch.kohya_version,
+        "ss_v2": str(arch.name == "sd2"),
         "ss_sd_model_name": meta.get("bwl_base_model", ""),
         "ss_max_train_steps": meta.get("bwl_steps", ""),
         "ss_output_name": Path(out).stem,
@@ -136,14 +152,12 @@ def export_kohya(path: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
-def import_kohya(
-    path: str | Path, pipe: StableDiffusionPipeline, out: str | Path, drop_unplaced: bool = False
-) -> Path:
-    """Convert a kohya/LyCORIS SD1.x LoRA, LoCon, DoRA, LoHa or LoKr file (U-Net and text encoder) to a bwl adapter
-    file for ``pipe``'s model.
+def import_kohya(path: str | Path, pipe: Pipeline, out: str | Path, drop_unplaced: bool = False) -> Path:
+    """Convert a kohya/LyCORIS SD 1.x/2.x or SDXL LoRA, LoCon, DoRA, LoHa or LoKr file (U-Net and text encoders) to a
+    bwl adapter file for ``pipe``'s model.
 
-    Every module is checked against ``pipe``'s U-Net and text encoder, names and shapes, before anything is written.
-    U-Net modules outside the nine blocks (``conv_in``, ``time_embedding``) are refused by name unless
+    Every module is checked against ``pipe``'s U-Net and text encoders, names and shapes, before anything is written.
+    U-Net modules outside the paper blocks (``conv_in``, ``time_embedding``) are refused by name unless
     ``drop_unplaced`` is set, which leaves them out.
     """
     contents = read_modules(path)
@@ -151,13 +165,14 @@ def import_kohya(
         raise AdapterFileError(f"{path}: not a kohya-format file (no lora_unet_* or lora_te_* keys)")
     if contents.unplaced and not drop_unplaced:
         names = ", ".join(f"lora_unet_{m.name}" for m in contents.unplaced)
-        raise AdapterFileError(f"{path}: modules outside the nine U-Net blocks, which a bwl adapter does not place: "
+        raise AdapterFileError(f"{path}: modules outside the U-Net's paper blocks, which a bwl adapter does not place: "
                                f"{names}; pass drop_unplaced=True (--drop-unplaced) to import without them")
     contents.unplaced = []
     if contents.text_encoder and not plain_lora(contents.method, contents.dora):
         raise AdapterFileError(f"{path}: text-encoder modules in a {method_label(contents.method, contents.dora)} "
                                "file; bwl's text encoder takes plain LoRA only")
-    resolved = check_fits(contents, pipe.unet, pipe.text_encoder)
+    resolved = check_fits(contents, pipe.unet, text_encoders(pipe))
+    arch = unet_architecture(pipe.unet)
     tensors: dict[str, torch.Tensor] = {}
     configs = {}
     for component, modules in resolved.items():
@@ -175,7 +190,8 @@ def import_kohya(
     unet = resolved["unet"]
     metadata = {
         "bwl_method": contents.method,
-        "bwl_blocks": format_blocks({paper_block(n) for n in unet}),
+        "bwl_blocks": format_blocks({paper_block(n, arch) for n in unet}, arch),
+        "bwl_architecture": arch.name,
         "bwl_block_ranks": json.dumps({fine_block(n): m.rank for n, m in unet.items()}),
         "bwl_alpha": json.dumps(configs["unet"].get("lora_alpha", configs["unet"].get("alpha")) if unet else None),
         "bwl_base_model": source.get("ss_sd_model_name", ""),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bwl.adapters.architectures import ARCHITECTURES
 from bwl.adapters.blocks import FINE_BLOCKS, BlockSpecError, parse_blocks
 from bwl.adapters.methods import METHODS
 from bwl.adapters.spec import AdapterSpec
@@ -21,7 +22,7 @@ class AdapterFileError(ValueError):
     """An adapter file that is missing, unsafe, malformed, or does not fit the model."""
 
 
-PEFT_COMPONENTS = ("unet", "text_encoder")
+PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PEFT_TYPES = tuple(dict.fromkeys(m.peft_type for m in METHODS.values()))
 UNREADABLE = "unreadable"
 
@@ -66,7 +67,8 @@ def peft_configs(path: str | Path, metadata: dict[str, str]) -> dict[str, dict[s
         component, dot, name = key.partition(".")
         if component not in PEFT_COMPONENTS or not dot:
             raise AdapterFileError(
-                f"{path}: metadata field {field!r} has key {key!r}; keys are unet.<field> or text_encoder.<field>"
+                f"{path}: metadata field {field!r} has key {key!r}; keys are unet.<field>, text_encoder.<field> or "
+                "text_encoder_2.<field>"
             )
         configs.setdefault(component, {})[name] = value
     for component, config in configs.items():
@@ -128,10 +130,18 @@ def _parse_method(path: str | Path, text: str) -> str:
 
 
 def _parse_blocks(path: str | Path, text: str) -> str:
-    try:
-        parse_blocks(text)
-    except BlockSpecError as err:
-        raise AdapterFileError(f"{path}: metadata field 'bwl_blocks' is not a block spec ({err})") from None
+    errors = []
+    for arch in ARCHITECTURES.values():  # the field is read in the file's layout, which bwl_architecture names
+        try:
+            parse_blocks(text, arch)
+            return text
+        except BlockSpecError as err:
+            errors.append(err)
+    raise AdapterFileError(f"{path}: metadata field 'bwl_blocks' is not a block spec ({errors[0]})") from None
+
+
+def _parse_architecture(path: str | Path, text: str) -> str:
+    _check(path, "bwl_architecture", text in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}", text)
     return text
 
 
@@ -142,6 +152,7 @@ BWL_FIELDS: dict[str, Callable[[str | Path, str], Any]] = {
     "bwl_steps": _parse_steps,
     "bwl_method": _parse_method,
     "bwl_blocks": _parse_blocks,
+    "bwl_architecture": _parse_architecture,
 }
 """bwl's typed metadata fields and their parsers; the other ``bwl_*`` fields are free text."""
 

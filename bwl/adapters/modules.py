@@ -1,15 +1,18 @@
-"""What an adapter file holds, module by module, in either format, and whether it fits a model.
+"""What an adapter file holds, module by module, in either format (:mod:`.fitting` checks it against a model).
 
 Two formats are read:
 
-- bwl/diffusers: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.<module>...``), with the peft
-  configs in ``lora_adapter_metadata``;
-- kohya/A1111 and LyCORIS: ``lora_unet_<module_with_underscores>`` and ``lora_te_<...>`` with ``.lora_down.weight``,
-  ``.lora_up.weight`` and ``.alpha`` (scale = alpha / rank), plus ``.dora_scale`` (DoRA), or LoHa's ``hada_w1_a``…
-  and LoKr's ``lokr_w1``… tensors, which keep their names in peft.
+- bwl/diffusers: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.<module>...``, SDXL's
+  ``text_encoder_2.<module>...``), with the peft configs in ``lora_adapter_metadata``;
+- kohya/A1111 and LyCORIS: ``lora_unet_<module_with_underscores>`` (diffusers' names on SD 1.x/2.x, the original
+  model's ``input_blocks``/``middle_block``/``output_blocks`` on SDXL) and ``lora_te_<...>`` (SDXL: ``lora_te1_``,
+  ``lora_te2_``) with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (scale = alpha / rank), plus
+  ``.dora_scale`` (DoRA), or LoHa's ``hada_w1_a``… and LoKr's ``lokr_w1``… tensors, which keep their names in peft.
 
-U-Net modules inside the nine paper blocks are *placed*; others (``conv_in``, ``time_embedding``, which LyCORIS'
-``full`` preset trains) are listed as not placed. A module in a block SD1.x does not have is an error naming it.
+The file's layout is read from what it says (``bwl_architecture``), its names (SGM names, a second text encoder) or
+the blocks it adapts (attention in ``down_blocks.0`` is SD 1.x's, in ``up_blocks.0`` SDXL's); None where they leave
+it open. U-Net modules inside the paper blocks are *placed*; others (``conv_in``, ``time_embedding``, which LyCORIS'
+``full`` preset trains) are listed as not placed. A module in a block the layout does not have is an error naming it.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ import torch
 from peft.tuners.lokr.layer import factorization
 from peft.utils.other import get_pattern_key
 
+from bwl.adapters.architectures import SD1, SDXL, Architecture, get_architecture
 from bwl.adapters.blocks import BlockSpecError, paper_block
 from bwl.adapters.files import read_metadata, read_tensors
 from bwl.adapters.metadata import AdapterFileError, bwl_fields, peft_configs
-from bwl.adapters.methods import ALL_TENSOR_NAMES, METHODS, TENSOR_NAMES, base_layer, expected_shapes
-from bwl.adapters.text_encoder import KOHYA_PREFIX as KOHYA_TE_PREFIX
-from bwl.adapters.text_encoder import modules_by_kohya_name
+from bwl.adapters.methods import ALL_TENSOR_NAMES, METHODS, TENSOR_NAMES
 
-_PEFT_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.(" + "|".join(re.escape(n) for n in ALL_TENSOR_NAMES) + r")$")
+_PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.("
+                       + "|".join(re.escape(n) for n in ALL_TENSOR_NAMES) + r")$")
+KOHYA_TE_COMPONENTS = {"te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
 _KOHYA_KEY = re.compile(r"^lora_(unet|te\d?)_([^.]+)\.(.+)$")
 # kohya/LyCORIS tensor names -> peft's (LoHa and LoKr tensors are named alike in both).
 KOHYA_TENSORS: dict[str, str] = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight",
@@ -87,9 +91,22 @@ class AdapterContents:
     path: Path
     format: str  # "diffusers" (bwl's own) or "kohya"
     unet: list[ModuleAdapter] = field(default_factory=list)
-    text_encoder: list[ModuleAdapter] = field(default_factory=list)
+    text_encoders: dict[str, list[ModuleAdapter]] = field(default_factory=dict)
+    """Text-encoder modules by pipeline attribute (``text_encoder``, SDXL's ``text_encoder_2``)."""
     unplaced: list[ModuleAdapter] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    architecture: Architecture | None = None
+    """The layout the file is for, where it tells (:func:`file_architecture`)."""
+
+    @property
+    def text_encoder(self) -> list[ModuleAdapter]:
+        """Every text-encoder module, of either encoder."""
+        return [m for modules in self.text_encoders.values() for m in modules]
+
+    @property
+    def arch(self) -> Architecture:
+        """The layout to name blocks in: the file's, else SD 1.x (whose block names SDXL's all share)."""
+        return self.architecture or SD1
 
     @property
     def method(self) -> str:
@@ -112,7 +129,7 @@ def _pattern_value(config: dict, pattern: str, module: str, default):
 
 def _place(path: Path, key: str, module: ModuleAdapter, contents: AdapterContents) -> None:
     try:
-        placed = paper_block(module.name) is not None
+        placed = paper_block(module.name, contents.arch) is not None
     except BlockSpecError as err:
         raise AdapterFileError(f"{path}: key {key!r}: {err}") from None
     (contents.unet if placed else contents.unplaced).append(module)
@@ -181,6 +198,8 @@ def _from_kohya(path: Path, name: str, parts: dict[str, torch.Tensor]) -> Module
 
 def _read_kohya(path: Path, tensors: dict[str, torch.Tensor], contents: AdapterContents) -> None:
     found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    seen = {_KOHYA_KEY.match(k).group(1) + "_" + _KOHYA_KEY.match(k).group(2) for k in tensors if _KOHYA_KEY.match(k)}
+    contents.architecture = contents.architecture or file_architecture(seen)
     for key, tensor in tensors.items():
         m = _KOHYA_KEY.match(key)
         suffix = m.group(3) if m else ""
@@ -188,14 +207,16 @@ def _read_kohya(path: Path, tensors: dict[str, torch.Tensor], contents: AdapterC
             raise AdapterFileError(f"{path}: key {key!r} holds {UNSUPPORTED_KOHYA[suffix]}, which bwl does not read")
         if not m or (suffix not in KOHYA_TENSORS and suffix != "alpha"):
             raise AdapterFileError(f"{path}: unexpected key {key!r} in a kohya-format file")
-        component = "unet" if m.group(1) == "unet" else "text_encoder"
+        component = "unet" if m.group(1) == "unet" else KOHYA_TE_COMPONENTS.get(m.group(1), m.group(1))
         found.setdefault((component, m.group(2)), {})[KOHYA_TENSORS.get(suffix, suffix)] = tensor
     for (component, name), parts in found.items():
+        if component not in ("unet", *KOHYA_TE_COMPONENTS.values()):
+            raise AdapterFileError(f"{path}: key 'lora_{component}_{name}...': no text encoder is called {component}")
         module = _from_kohya(path, name, parts)
         if component == "unet":
             _place(path, f"lora_unet_{name}", module, contents)
         else:
-            contents.text_encoder.append(module)
+            contents.text_encoders.setdefault(component, []).append(module)
 
 
 def _read_peft(path: Path, tensors: dict[str, torch.Tensor], contents: AdapterContents) -> None:
@@ -209,6 +230,7 @@ def _read_peft(path: Path, tensors: dict[str, torch.Tensor], contents: AdapterCo
                 "lokr_*, oft_R.weight), text_encoder.<module>.lora_A/B.weight, or kohya's lora_unet_*/lora_te_*"
             )
         found.setdefault((m.group(1), m.group(2)), {})[m.group(3)] = tensor
+    contents.architecture = contents.architecture or file_architecture(f"{c}_{n}" for c, n in found)
     for (component, name), parts in found.items():
         kind = _kind(path, name, parts)
         config = configs.get(component) or {}
@@ -227,7 +249,24 @@ def _read_peft(path: Path, tensors: dict[str, torch.Tensor], contents: AdapterCo
         if component == "unet":
             _place(path, f"unet.{name}", module, contents)
         else:
-            contents.text_encoder.append(module)
+            contents.text_encoders.setdefault(component, []).append(module)
+
+
+_SD1_ONLY = re.compile(r"^unet_(down_blocks[._]0[._]attentions|down_blocks[._]3|up_blocks[._]3)")
+_SDXL_ONLY = re.compile(r"^(unet_(up_blocks[._]0[._]attentions|input_blocks|middle_block|output_blocks)|te2_|"
+                        r"text_encoder_2_)")
+
+
+def file_architecture(names) -> Architecture | None:
+    """The layout a file's module names (``<component>_<module>``: ``unet_…``, ``te2_…``) belong to: SDXL for SGM
+    names, a second text encoder or attention in ``up_blocks.0``; SD 1.x/2.x for attention in ``down_blocks.0`` or a
+    fourth level; None where they fit both."""
+    names = list(names)
+    if any(_SDXL_ONLY.match(n) for n in names):
+        return SDXL
+    if any(_SD1_ONLY.match(n) for n in names):
+        return SD1
+    return None
 
 
 def read_modules(path: str | Path) -> AdapterContents:
@@ -235,108 +274,12 @@ def read_modules(path: str | Path) -> AdapterContents:
     path = Path(path)
     tensors = read_tensors(path)
     contents = AdapterContents(path, "diffusers", metadata=read_metadata(path))
-    bwl_fields(path, contents.metadata)
+    fields = bwl_fields(path, contents.metadata)
+    if "bwl_architecture" in fields:
+        contents.architecture = get_architecture(fields["bwl_architecture"])
     if any(_KOHYA_KEY.match(k) for k in tensors):
         contents.format = "kohya"
         _read_kohya(path, tensors, contents)
     else:
         _read_peft(path, tensors, contents)
     return contents
-
-
-def resolve_names(
-    contents: AdapterContents, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
-) -> dict[str, dict[str, ModuleAdapter]]:
-    """Each U-Net and text-encoder module under the model's own module name: ``{"unet": {...}, "text_encoder": ...}``.
-
-    kohya names are matched against the model's names with dots as underscores. A module the model does not have is
-    an error naming it (and, for the text encoder, one without a text encoder to hold it).
-    """
-    resolved: dict[str, dict[str, ModuleAdapter]] = {"unet": {}, "text_encoder": {}}
-    kohya = contents.format == "kohya"
-    unet_names = [n for n, _ in unet.named_modules()]
-    unet_index = {n.replace(".", "_"): n for n in unet_names} if kohya else {n: n for n in unet_names}
-    for module in contents.unet + contents.unplaced:
-        name = unet_index.get(module.name)
-        shown = f"lora_unet_{module.name}" if kohya else module.name
-        if name is None:
-            raise AdapterFileError(f"{contents.path}: module {shown} does not exist in this U-Net "
-                                   "(different base architecture?)")
-        resolved["unet"][name] = module
-    if contents.text_encoder and text_encoder is None:
-        raise AdapterFileError(f"{contents.path}: has text-encoder LoRA but the model has no text encoder")
-    te_index = modules_by_kohya_name(text_encoder) if contents.text_encoder and kohya else {}
-    te_names = {n for n, _ in text_encoder.named_modules()} if contents.text_encoder else set()
-    for module in contents.text_encoder:
-        name = te_index.get(module.name) if kohya else module.name
-        if name is None or name not in te_names:
-            shown = f"{KOHYA_TE_PREFIX}{module.name}" if kohya else module.name
-            raise AdapterFileError(f"{contents.path}: module {shown} does not exist in this text encoder "
-                                   "(different base architecture?)")
-        resolved["text_encoder"][name] = module
-    return resolved
-
-
-def _method(module: ModuleAdapter) -> str:
-    return next(m.name for m in METHODS.values() if m.peft_type == module.peft_type)
-
-
-def check_shapes(path: str | Path, modules: dict[str, ModuleAdapter], model: torch.nn.Module, what: str) -> None:
-    """Raise unless each module's tensors have the shapes peft builds for ``model``'s layer, naming the first misfit,
-    its tensors' shapes and the layer's weight shape."""
-    named = dict(model.named_modules())
-    for name, adapter in modules.items():
-        base = base_layer(named[name])  # under every peft wrapper (a model may hold several methods' layers)
-        weight = getattr(base, "weight", None)
-        if weight is None or not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise AdapterFileError(f"{path}: {what} module {name!r} has no Linear or Conv2d weight to adapt")
-        shapes = {k: tuple(t.shape) for k, t in adapter.tensors.items()}
-        options = {k: v for k, v in adapter.options.items() if k != "factors"}
-        try:
-            expected = expected_shapes(_method(adapter), base, adapter.rank, adapter.alpha, adapter.dora, **options)
-            if "factors" in adapter.options:  # a LyCORIS LoKr file: the factors its shapes fit in this layer
-                method, rank, alpha = _method(adapter), adapter.rank, adapter.alpha
-                fits = [f for f in adapter.options["factors"]
-                        if expected_shapes(method, base, rank, alpha, **{**options, "decompose_factor": f}) == shapes]
-                expected = shapes if fits else expected
-                adapter.options["factors"] = fits
-        except ValueError as err:
-            raise AdapterFileError(f"{path}: {what} module {name}: {err}") from None
-        if shapes != expected:
-            shown = (f"LoRA down {shapes.get('lora_A.weight')} and up {shapes.get('lora_B.weight')}"
-                     if adapter.peft_type == "LORA" and not adapter.dora else
-                     f"{adapter.peft_type} tensors {shapes}")
-            raise AdapterFileError(
-                f"{path}: {what} module {name}: {shown} do not fit its weight {tuple(weight.shape)} "
-                "(an adapter for a different base architecture?)"
-            )
-
-
-def lokr_options(path: str | Path, modules: list[ModuleAdapter]) -> dict:
-    """The LoKr config fields a file's modules imply together: ``decompose_both`` where any factors ``w1``, and the
-    one ``decompose_factor`` (peft has one per adapter; modules that disagree are an error naming the file)."""
-    fitting = [set(m.options.get("factors", [m.options.get("decompose_factor", -1)])) for m in modules]
-    common = set.intersection(*fitting) if fitting else {-1}
-    if not common:
-        raise AdapterFileError(f"{path}: LoKr modules whose shapes need different factors; peft takes one per file")
-    return {"decompose_both": any(m.options.get("decompose_both") for m in modules),
-            "decompose_factor": -1 if -1 in common else min(common)}
-
-
-def check_fits(
-    contents: AdapterContents, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
-) -> dict[str, dict[str, ModuleAdapter]]:
-    """Check that every module ``contents`` adapts exists in the model, with fitting shapes; returns them resolved."""
-    resolved = resolve_names(contents, unet, text_encoder)
-    check_shapes(contents.path, resolved["unet"], unet, "U-Net")
-    if text_encoder is not None:
-        check_shapes(contents.path, resolved["text_encoder"], text_encoder, "text-encoder")
-    return resolved
-
-
-def fitted_modules(
-    path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
-) -> tuple[AdapterContents, dict[str, dict[str, ModuleAdapter]]]:
-    """Read ``path`` and :func:`check_fits` it against the model."""
-    contents = read_modules(path)
-    return contents, check_fits(contents, unet, text_encoder)

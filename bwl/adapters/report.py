@@ -1,11 +1,12 @@
-"""``inspect``: what any SD1.x LoRA/LoCon file adapts, block by block, without a model to load it into."""
+"""``inspect``: what any SD 1.x/2.x or SDXL LoRA/LyCORIS file adapts, block by block, without a model to load it
+into."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bwl.adapters.blocks import FINE_BLOCKS, PAPER_BLOCKS, fine_block, format_blocks, paper_block
+from bwl.adapters.blocks import fine_block, format_blocks, paper_block
 from bwl.adapters.metadata import UNREADABLE, kohya_fields
 from bwl.adapters.methods import method_label
 from bwl.adapters.modules import read_modules
@@ -20,6 +21,7 @@ class AdapterReport:
 
     path: str
     format: str
+    architecture: str
     method: str
     blocks: str
     ranks: dict[str, list[int]]
@@ -35,6 +37,7 @@ class AdapterReport:
         lines = [
             f"file:    {self.path}",
             f"format:  {self.format}",
+            f"model:   {self.architecture}",
             f"method:  {self.method}",
             f"blocks:  {self.blocks}",
         ]
@@ -42,7 +45,8 @@ class AdapterReport:
             if self.metadata.get(key):
                 lines.append(f"{key}: {self.metadata[key]}")
         lines.append(f"{'block':<6} {'ranks':<10} {'alphas':<14} {'params':>10}")
-        rows = PAPER_BLOCKS + ((TEXT_ENCODER_ROW,) if self.text_encoder_modules else ())
+        rows = tuple(self.parameters) if self.text_encoder_modules else tuple(
+            b for b in self.parameters if b != TEXT_ENCODER_ROW)
         for block in rows:
             ranks = ",".join(map(str, self.ranks.get(block, []))) or "0"
             alphas = ",".join(f"{a:g}" for a in self.alphas.get(block, [])) or "-"
@@ -53,7 +57,7 @@ class AdapterReport:
             lines.append(f"text encoder: {self.text_encoder_modules} modules (BASE)")
         if self.not_placed:
             shown = ", ".join(f"{name} ({n:,} params)" for name, n in self.not_placed.items())
-            lines.append(f"not placed (outside the nine blocks): {shown}")
+            lines.append(f"not placed (outside the paper blocks): {shown}")
         unreadable = [k for k, v in self.metadata.items() if k.startswith("ss_") and v == UNREADABLE]
         if unreadable:
             lines.append(f"unreadable kohya metadata: {', '.join(unreadable)}")
@@ -61,26 +65,28 @@ class AdapterReport:
 
 
 def inspect_adapter(path: str | Path) -> AdapterReport:
-    """Method, blocks, ranks, alphas and parameters per block of any SD1.x LoRA/LoCon file (bwl or kohya).
+    """Layout, method, blocks, ranks, alphas and parameters per block of any SD 1.x/2.x or SDXL adapter file (bwl,
+    kohya or LyCORIS). The layout is the file's (:func:`bwl.adapters.modules.file_architecture`); a file that fits
+    either is shown in SD 1.x's blocks and said to be so.
 
     bwl's own metadata is validated (a malformed field is an error naming it); kohya fields that do not parse are
-    shown as unreadable. U-Net modules outside the nine blocks are listed as not placed.
+    shown as unreadable. U-Net modules outside the paper blocks are listed as not placed.
     """
     contents = read_modules(path)
-    meta = contents.metadata
+    meta, arch = contents.metadata, contents.arch
     ranks: dict[str, set[int]] = {}
     alphas: dict[str, set[float]] = {}
-    params = dict.fromkeys(PAPER_BLOCKS, 0)
+    params = dict.fromkeys(arch.paper_blocks, 0)
     fine: dict[str, int] = {}
     for module in contents.unet:
-        block = paper_block(module.name)
+        block = paper_block(module.name, arch)
         ranks.setdefault(block, set()).add(module.rank)
         alphas.setdefault(block, set()).add(module.alpha)
         params[block] += module.parameters
         fb = fine_block(module.name)
         if fb is not None and not module.is_conv3x3:
             fine[fb] = max(fine.get(fb, 0), module.rank)
-    blocks = format_blocks(ranks)
+    blocks = format_blocks(ranks, arch)
     if contents.text_encoder:
         ranks[TEXT_ENCODER_ROW] = {m.rank for m in contents.text_encoder}
         alphas[TEXT_ENCODER_ROW] = {m.alpha for m in contents.text_encoder}
@@ -88,12 +94,13 @@ def inspect_adapter(path: str | Path) -> AdapterReport:
     return AdapterReport(
         path=str(path),
         format=contents.format,
+        architecture=arch.label if contents.architecture else f"{arch.label} or SDXL (its names fit both)",
         method=method_label(contents.method, contents.dora),
         blocks=blocks,
         ranks={b: sorted(r) for b, r in ranks.items()},
         alphas={b: sorted(a) for b, a in alphas.items()},
         parameters=params,
-        fine_ranks={f: fine[f] for f in FINE_BLOCKS if f in fine},
+        fine_ranks={f: fine[f] for f in arch.fine_blocks if f in fine},
         text_encoder_modules=len(contents.text_encoder),
         not_placed={m.name: m.parameters for m in contents.unplaced},
         metadata={**{k: v for k, v in meta.items() if k.startswith("bwl_")}, **kohya_fields(meta)},

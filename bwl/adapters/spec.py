@@ -1,4 +1,5 @@
-"""Block-wise adapters on an SD1.x U-Net, through peft: LoRA, LoCon, LoHa, LoKr, DoRA and OFT (:mod:`.methods`).
+"""Block-wise adapters on an SD 1.x/2.x or SDXL U-Net, through peft: LoRA, LoCon, LoHa, LoKr, DoRA and OFT
+(:mod:`.methods`). The U-Net's layout is read from its config (:func:`bwl.adapters.architectures.architecture_of`).
 
 Targets follow kohya's ``networks/lora.py``:
 
@@ -7,7 +8,9 @@ Targets follow kohya's ``networks/lora.py``:
   ``Downsample2D`` and ``Upsample2D`` (conv1/conv2 3x3 at ``conv_rank``, time_emb_proj and the 1x1 conv_shortcut at
   the block's rank); ``oft`` the same but no 3x3 conv.
 
-Only modules inside the selected blocks get an adapter; a block at rank 0 is simply not targeted.
+Only modules inside the selected blocks get an adapter; a block at rank 0 is simply not targeted. A selection in which
+the method finds nothing to adapt (plain LoRA on SDXL's ``upper`` blocks, which hold no attention) is an error naming
+the blocks and what they hold.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft import PeftConfig
 
+from bwl.adapters.architectures import SD1, Architecture, architecture_of, get_architecture
 from bwl.adapters.blocks import (
-    PAPER_BLOCKS,
     BlockSpecError,
     block_ranks,
     fine_block,
@@ -65,7 +68,9 @@ class AdapterSpec:
     ``alpha`` defaults to the rank (scale 1, as diffusers' DreamBooth LoRA script); ``conv_rank``/``conv_alpha``
     apply to 3x3 convs (kohya ``conv_dim``/``conv_alpha``) and default to the block's linear values.
     ``block_ranks`` overrides ranks per paper block, group or kohya fine block (kohya ``block_dims``); 0 skips.
-    ``text_encoder`` also adapts the text encoder (lora-block-weight's BASE) at ``rank``/``alpha``, as kohya does.
+    ``text_encoder`` also adapts the text encoder(s) (lora-block-weight's BASE) at ``rank``/``alpha``, as kohya does.
+    ``architecture`` names the layout the blocks are read in (``sd1``, ``sd2``, ``sdxl``); left None, the spec takes
+    the layout of the U-Net it is applied to (:meth:`bind`), and its blocks are checked against SD 1.x's until then.
     """
 
     method: Literal["lora", "locon", "loha", "lokr", "oft"] = "lora"
@@ -77,8 +82,11 @@ class AdapterSpec:
     block_ranks: dict[str, int] = field(default_factory=dict)
     text_encoder: bool = False
     dora: bool = False
+    architecture: str | None = None
 
     def __post_init__(self) -> None:
+        if self.architecture is not None:
+            self.architecture = get_architecture(self.architecture).name
         method = get_method(self.method, self.dora)
         if self.text_encoder and not plain_lora(self.method, self.dora):
             raise BlockSpecError(f"text_encoder=True with method {method_label(self.method, self.dora)!r}: the text "
@@ -88,18 +96,31 @@ class AdapterSpec:
         if method.rank_is_block_size and (self.alpha is not None or self.conv_alpha is not None):
             raise BlockSpecError(f"method {self.method!r} has no alpha (its rank is the orthogonal block size); "
                                  "leave alpha and conv_alpha unset")
-        self.blocks = format_blocks(parse_blocks(self.blocks))
+        self.blocks = format_blocks(parse_blocks(self.blocks, self.arch), self.arch)
         if self.conv_rank is not None and (not isinstance(self.conv_rank, int) or self.conv_rank <= 0):
             raise BlockSpecError(f"conv_rank must be a positive integer, got {self.conv_rank!r}")
         self.fine_ranks()
 
+    @property
+    def arch(self) -> Architecture:
+        return get_architecture(self.architecture)
+
+    def bind(self, unet: torch.nn.Module) -> AdapterSpec:
+        """This spec in ``unet``'s layout (its blocks read there); a spec for a layout with other blocks is an error."""
+        model = unet_architecture(unet)
+        if self.architecture is not None and self.arch.attention != model.attention:
+            raise BlockSpecError(f"the adapter spec is for {self.arch.label} blocks, but the U-Net is {model.label}")
+        values = {**self.to_dict(), "architecture": model.name}
+        return AdapterSpec(**values) if self.architecture != model.name else self
+
     def fine_ranks(self) -> dict[str, int]:
         """Linear ranks per kohya fine block, blocks at rank 0 left out."""
-        return block_ranks(self.blocks, self.rank, self.block_ranks)
+        return block_ranks(self.blocks, self.rank, self.block_ranks, self.arch)
 
     def module_ranks(self, unet: torch.nn.Module) -> dict[str, tuple[int, float]]:
         """(rank, alpha) for every module this spec adapts in ``unet``."""
-        ranks = self.fine_ranks()
+        spec = self.bind(unet)
+        ranks = spec.fine_ranks()
         chosen = {}
         for target in find_targets(unet, self.method):
             rank = ranks.get(target.fine_block)
@@ -122,11 +143,22 @@ class AdapterSpec:
         return total
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec's fields; ``architecture`` only where it is set (so SD 1.x specs keep their keys)."""
+        values = asdict(self)
+        if values["architecture"] is None:
+            del values["architecture"]
+        return values
+
+
+def unet_architecture(unet: torch.nn.Module) -> Architecture:
+    """The layout of ``unet`` from its config (SD 1.x for a module without one)."""
+    config = getattr(unet, "config", None)
+    return architecture_of(config) if config is not None else SD1
 
 
 def find_targets(unet: torch.nn.Module, method: str = "locon") -> list[Target]:
     """Every module of ``unet`` that ``method`` can adapt, found from the model's own module tree."""
+    arch = unet_architecture(unet)
     chosen = get_method(method)
     containers = ATTENTION_CONTAINERS + (CONV_CONTAINERS if chosen.conv else ())
     targets: dict[str, Target] = {}
@@ -140,7 +172,7 @@ def find_targets(unet: torch.nn.Module, method: str = "locon") -> list[Target]:
             if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
             name = f"{container_name}.{child_name}"
-            block, fine = paper_block(name), fine_block(name)
+            block, fine = paper_block(name, arch), fine_block(name)
             if block is None or fine is None:
                 continue
             is_conv3x3 = isinstance(base, torch.nn.Conv2d) and tuple(base.kernel_size) != (1, 1)
@@ -153,8 +185,7 @@ def find_targets(unet: torch.nn.Module, method: str = "locon") -> list[Target]:
 def adapter_config(unet: torch.nn.Module, spec: AdapterSpec) -> PeftConfig:
     """The peft config (of ``spec``'s method) whose regex ``target_modules`` and ``rank_pattern`` realise ``spec``."""
     chosen = spec.module_ranks(unet)
-    if not chosen:
-        raise BlockSpecError(f"adapter spec selects no module (blocks={spec.blocks!r}, block_ranks={spec.block_ranks})")
+    _check_selection(unet, spec, chosen)
     modules = dict(unet.named_modules())
     for name, (rank, alpha) in chosen.items():  # a combination peft cannot build raises here, naming it
         try:
@@ -162,6 +193,27 @@ def adapter_config(unet: torch.nn.Module, spec: AdapterSpec) -> PeftConfig:
         except BlockSpecError as err:
             raise BlockSpecError(f"module {name}: {err}") from None
     return method_config(spec.method, {re.escape(n): v for n, v in chosen.items()}, spec.dora)
+
+
+def _check_selection(unet: torch.nn.Module, spec: AdapterSpec, chosen: dict) -> None:
+    """Refuse a selection that adapts nothing, or (unless it is ``all``) a selected block the method finds nothing
+    to adapt in, naming the blocks and what they hold."""
+    spec = spec.bind(unet)
+    arch = spec.arch
+    ranked = {arch.paper_block_of_fine(f) for f in spec.fine_ranks()}
+    adapted = {paper_block(name, arch) for name in chosen}
+    empty = [b for b in arch.paper_blocks if b in ranked and b not in adapted]
+    if chosen and (not empty or spec.blocks == "all"):
+        return
+    if not ranked:
+        raise BlockSpecError(f"adapter spec selects no module (blocks={spec.blocks!r}, block_ranks={spec.block_ranks})")
+    modules = dict(unet.named_modules())
+    held = ", ".join(f"{b} ({arch.prefixes[b]}: {type(modules[arch.prefixes[b]]).__name__}, "
+                     f"{'with' if arch.holds_attention(b) else 'no'} attention)" for b in empty)
+    method = method_label(spec.method, spec.dora)
+    raise BlockSpecError(f"{method} on {arch.label} finds nothing to adapt in {held}; {method} adapts "
+                         f"{'attention layers only' if not get_method(spec.method).conv else 'no layer there'}: "
+                         "choose other blocks, or a method that adapts resnets (locon, loha, lokr)")
 
 
 def config_for_modules(chosen: dict[str, tuple[int, float]], method: str = "lora", dora: bool = False) -> PeftConfig:
@@ -192,8 +244,9 @@ def adapted_modules(unet: torch.nn.Module, name: str = "default") -> dict[str, t
 
 
 def parameters_per_block(unet: torch.nn.Module, name: str = "default") -> dict[str, int]:
-    """Adapter parameters per paper block (every paper block listed, 0 where skipped)."""
-    counts = dict.fromkeys(PAPER_BLOCKS, 0)
+    """Adapter parameters per paper block (every paper block of the U-Net's layout listed, 0 where skipped)."""
+    arch = unet_architecture(unet)
+    counts = dict.fromkeys(arch.paper_blocks, 0)
     for module_name, module in adapted_modules(unet, name).items():
-        counts[paper_block(module_name)] += sum(p.numel() for p in adapter_parameters(module, name).values())
+        counts[paper_block(module_name, arch)] += sum(p.numel() for p in adapter_parameters(module, name).values())
     return counts

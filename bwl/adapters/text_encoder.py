@@ -1,4 +1,5 @@
-"""The text encoder as one more block: lora-block-weight's BASE slot, and kohya's ``lora_te_`` modules.
+"""The text encoders as one more block: lora-block-weight's BASE slot, and kohya's ``lora_te_`` modules (SDXL's
+``lora_te1_`` and ``lora_te2_``, for ``text_encoder`` and ``text_encoder_2``).
 
 kohya adapts every Linear inside CLIP's attention and MLP (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``fc1``,
 ``fc2`` of each encoder layer) at the network's rank, and names them ``lora_te_text_model_encoder_layers_<i>_...``.
@@ -12,6 +13,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
+from bwl.adapters.architectures import Architecture
 from bwl.adapters.spec import config_for_modules
 
 TEXT_ENCODER_CONTAINERS: tuple[type, ...] = (CLIPAttention, CLIPMLP)
@@ -48,6 +50,11 @@ def add_text_encoder_adapter(
     for param_name, param in text_encoder.named_parameters():
         param.requires_grad_(f".{name}." in param_name and ".lora_" in param_name)
     return config
+
+
+def kohya_prefix(component: str, arch: Architecture) -> str:
+    """kohya's key prefix for a pipeline's text encoder (``text_encoder``/``text_encoder_2``) in layout ``arch``."""
+    return arch.kohya_te_prefixes[arch.text_encoders.index(component)]
 
 
 def kohya_module_name(module_name: str) -> str:

@@ -1,4 +1,5 @@
-"""Loading the pipeline the paper samples with (DPM++ 2M Karras, 25 steps, CFG 7)."""
+"""Loading the pipeline the paper samples with (DPM++ 2M Karras, 25 steps, CFG 7): an SD 1.x/2.x or an SDXL one,
+chosen by the model's own ``model_index.json``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -17,6 +18,9 @@ from bwl.core.config import ConfigError
 PAPER_MODEL = "CompVis/stable-diffusion-v1-4"
 PAPER_STEPS = 25
 PAPER_CFG = 7.0
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+PIPELINE_CLASSES: dict[str, type] = {"StableDiffusionPipeline": StableDiffusionPipeline,
+                                     "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 
 
 def dpmpp_2m_karras(scheduler_config: dict) -> DPMSolverMultistepScheduler:
@@ -63,16 +67,30 @@ def quiet_loading(enabled: bool = True) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+def text_encoders(pipe: Pipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's text encoders by attribute: ``text_encoder`` (and SDXL's ``text_encoder_2``)."""
+    return {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")
+            if getattr(pipe, name, None) is not None}
+
+
+def _pipeline_class(model: str | Path, local_files_only: bool) -> type:
+    name = DiffusionPipeline.load_config(str(model), local_files_only=local_files_only).get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise ModelNotFound(f"model {str(model)!r} is a {name}; bwl loads {' and '.join(PIPELINE_CLASSES)}")
+    return PIPELINE_CLASSES[name]
+
+
 def load_pipeline(
     model: str | Path,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     local_files_only: bool | None = None,
-) -> StableDiffusionPipeline:
-    """Load an SD1.x pipeline from a hub id or a local directory with ``from_pretrained``.
+) -> Pipeline:
+    """Load an SD 1.x/2.x or SDXL pipeline from a hub id or a local directory with ``from_pretrained``, the class
+    its ``model_index.json`` names.
 
-    The sampler is DPM++ 2M Karras; the safety checker is off (bwl studies the model, not its filter).
-    A local directory never touches the network.
+    The sampler is DPM++ 2M Karras; the safety checker and SDXL's watermark are off (bwl studies the model, not its
+    filters). A local directory never touches the network.
     """
     local = Path(model)
     if local.exists() and not (local / "model_index.json").is_file():
@@ -82,14 +100,11 @@ def load_pipeline(
         local_files_only = local.is_dir()
     try:
         with quiet_loading(local.is_dir()):
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(model),
-                dtype=dtype or torch.float32,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                local_files_only=local_files_only,
-            )
+            cls = _pipeline_class(model, local_files_only)
+            extra = (dict(add_watermarker=False) if cls is StableDiffusionXLPipeline else
+                     dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+            pipe = cls.from_pretrained(str(model), dtype=dtype or torch.float32, local_files_only=local_files_only,
+                                       **extra)
     except (OSError, ValueError) as error:  # the hub client's not-found, offline and invalid-id errors
         if local.is_dir():
             raise
@@ -100,7 +115,8 @@ def load_pipeline(
         ) from error
     pipe.scheduler = dpmpp_2m_karras(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.text_encoder.requires_grad_(False)
+    for encoder in text_encoders(pipe).values():
+        encoder.requires_grad_(False)
     pipe.vae.requires_grad_(False)
     pipe.unet.requires_grad_(False)
     if device is not None:

@@ -10,10 +10,11 @@ import random
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from bwl.data.datasets import Example, load_images, scan_dataset, shuffle_caption
-from bwl.train.cache import LatentCache, TextCache, encode_distribution, sample_latents, to_pixels
+from bwl.sd.pipeline import Pipeline
+from bwl.train.cache import LatentCache, encode_distribution, sample_latents, to_pixels
+from bwl.train.conditioning import Conditioning, TextCache
 from bwl.train.config import TrainConfig
 
 
@@ -78,15 +79,14 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-
 class Batches:
     """The batches of one run: latents (cached, or encoded per step), text embeddings (cached where captions are
     fixed) and per-example loss weights (``prior_loss_weight`` for regularization images)."""
 
-    def __init__(self, config: TrainConfig, pipe: StableDiffusionPipeline, text_forward: torch.nn.Module,
+    def __init__(self, config: TrainConfig, pipe: Pipeline, text_forward: list[torch.nn.Module],
                  device: torch.device, weight_dtype: torch.dtype, rank: int = 0, world: int = 1,
                  channels_last: bool = False):
-        """``text_forward``: the text encoder as the step calls it (prepared by accelerate when it trains);
+        """``text_forward``: the text encoders as the step calls them (prepared by accelerate when they train);
         ``rank``/``world``: this process's share of each step's examples; ``channels_last``: the latents' layout."""
         self.config, self.device, self.weight_dtype, self.rank, self.world = config, device, weight_dtype, rank, world
         self.data = prepare_data(config)
@@ -95,12 +95,14 @@ class Batches:
         self.latent_cache = LatentCache(self.vae, self.data.images, config.random_flip) if cached else None
         self.pixels = None if config.cache_latents else to_pixels(self.data.images)
         trainable = config.adapter_spec().text_encoder
-        self.text_cache = TextCache(pipe.tokenizer, text_forward, memoize=not config.shuffle_tags, trainable=trainable)
+        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if len(text_forward) > 1 else [])
+        self.text_cache = TextCache(tokenizers, text_forward, memoize=not config.shuffle_tags, trainable=trainable,
+                                    resolution=config.resolution)
         self.reg_weight = torch.tensor([config.prior_loss_weight if ex.is_reg else 1.0 for ex in self.data.examples])
         self.channels_last = channels_last
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
-        """Latents, text embeddings and loss weights of ``step``, plus the generator for its noise and timesteps.
+    def __call__(self, step: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor, torch.Generator]:
+        """Latents, text conditioning and loss weights of ``step``, plus the generator for its noise and timesteps.
 
         On CPU one generator seeded by ``(seed, step)`` draws everything; on CUDA the flips come from it and the
         latent samples, noise and timesteps from a CUDA generator with the same seed (so GPU runs differ from CPU).

@@ -2,7 +2,7 @@
 
 20 images x 25 repeats x 11,000 steps must not run the VAE 11,000 times: each (image, flip) is encoded once and
 its latent distribution (mean, std) kept, so every step still draws a fresh latent sample as diffusers'
-DreamBooth script does. Captions without random shuffling are encoded once each.
+DreamBooth script does. Captions are encoded once each by :class:`bwl.train.conditioning.TextCache`.
 """
 
 from __future__ import annotations
@@ -57,30 +57,3 @@ class LatentCache:
     def sample(self, index: torch.Tensor, flip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         rows = (index + flip.long() * self.count).to(self.mean.device)
         return sample_latents(self.mean[rows], self.std[rows], self.scaling_factor, generator)
-
-
-class TextCache:
-    """Text-encoder hidden states per caption; memoized unless captions are randomly shuffled or the text encoder is
-    being trained (then every step encodes its captions with gradients)."""
-
-    def __init__(self, tokenizer, text_encoder: torch.nn.Module, memoize: bool = True, trainable: bool = False):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.memoize, self.trainable = memoize and not trainable, trainable
-        self.device = next(text_encoder.parameters()).device
-        self.store: dict[str, torch.Tensor] = {}
-
-    def encode(self, captions: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-        with torch.set_grad_enabled(self.trainable):
-            return self.text_encoder(ids.to(self.device))[0]
-
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        if not self.memoize:
-            return self.encode(captions)
-        missing = [c for c in dict.fromkeys(captions) if c not in self.store]
-        if missing:
-            self.store.update(zip(missing, self.encode(missing)))
-        return torch.stack([self.store[c] for c in captions])

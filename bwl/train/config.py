@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bwl.adapters.architectures import ARCHITECTURES, ArchitectureLike, get_architecture
 from bwl.adapters.block_lr import block_lr_weights, zero_lr_blocks
 from bwl.adapters.blocks import BlockSpecError
 from bwl.adapters.methods import get_method
@@ -116,27 +117,36 @@ class TrainConfig:
              f"unset for method {self.method!r} (LoRA+ speeds up LoRA's B matrices; {self.method} has none)"),
         ])
         try:
-            block_lr_weights(self.block_lr, self.block_lr_zero_threshold)
+            for arch in ARCHITECTURES.values():  # valid in some layout; the model's is checked when it is loaded
+                try:
+                    block_lr_weights(self.block_lr, self.block_lr_zero_threshold, arch)
+                    break
+                except BlockSpecError:
+                    if arch is list(ARCHITECTURES.values())[-1]:
+                        raise
         except BlockSpecError as err:
             raise ConfigError(f"block_lr={self.block_lr!r} is not valid: {err}") from None
 
-    def adapter_spec(self) -> AdapterSpec:
-        """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI). Fine blocks
-        whose learning-rate multiplier is 0 are not created (rank 0), as kohya does."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterSpec) if f.name != "text_encoder"}
-        zero = zero_lr_blocks(self.block_lr, self.block_lr_zero_threshold)
+    def adapter_spec(self, arch: ArchitectureLike | None = None) -> AdapterSpec:
+        """The adapter part of this config (its keys are AdapterSpec's, kept flat for YAML and the CLI), in layout
+        ``arch`` where given (the model's; it is not part of the config). Fine blocks whose learning-rate multiplier
+        is 0 are not created (rank 0), as kohya does."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterSpec)
+                  if f.name not in ("text_encoder", "architecture")}
+        zero = zero_lr_blocks(self.block_lr, self.block_lr_zero_threshold, arch)
         values["block_ranks"] = {**self.block_ranks, **dict.fromkeys(zero, 0)}
-        return AdapterSpec(**values, text_encoder=self.train_text_encoder)
+        architecture = get_architecture(arch).name if arch is not None else None
+        return AdapterSpec(**values, text_encoder=self.train_text_encoder, architecture=architecture)
 
-    def block_lr_weights(self) -> dict[str, float]:
-        """The learning-rate multiplier of each kohya fine block."""
-        return block_lr_weights(self.block_lr, self.block_lr_zero_threshold)
+    def block_lr_weights(self, arch: ArchitectureLike | None = None) -> dict[str, float]:
+        """The learning-rate multiplier of each kohya fine block of ``arch`` (SD 1.x by default)."""
+        return block_lr_weights(self.block_lr, self.block_lr_zero_threshold, arch)
 
-    def training_metadata(self) -> dict[str, str]:
+    def training_metadata(self, arch: ArchitectureLike | None = None) -> dict[str, str]:
         """What an adapter file records about how it was trained, beyond its spec (per-block LR, LoRA+)."""
         metadata = {}
         if self.block_lr is not None:
-            metadata["bwl_block_lr"] = json.dumps(self.block_lr_weights())
+            metadata["bwl_block_lr"] = json.dumps(self.block_lr_weights(arch))
         if self.loraplus_lr_ratio is not None:
             metadata["bwl_loraplus_lr_ratio"] = f"{self.loraplus_lr_ratio:g}"
         return metadata

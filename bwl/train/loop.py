@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from peft.utils import set_peft_model_state_dict
 from tqdm import tqdm
 
 from bwl import __version__
-from bwl.adapters.files import adapter_state_dict, save_adapter
+from bwl.adapters.files import TextEncoders, adapter_state_dict, encoders_by_name, save_adapter
 from bwl.core.atomic import atomic_path, write_json
 from bwl.core.images import image_row
+from bwl.sd.pipeline import Pipeline
 from bwl.train.checkpoint import latest, load_state, save_state
 from bwl.train.config import TrainConfig
 from bwl.train.losses import LossLog
@@ -35,18 +35,20 @@ class TrainingDiverged(RuntimeError):
 
 def save_checkpoint(path: Path, run: TrainingRun, step: int) -> None:
     """Adapter (U-Net and any text encoder), optimizer, LR schedule, RNG states and step in one safetensors file."""
-    tensors = adapter_state_dict(run.unet, ADAPTER, run.text_encoder if run.spec.text_encoder else None)
+    tensors = adapter_state_dict(run.unet, ADAPTER, run.text_encoders if run.spec.text_encoder else None)
     save_state(path, tensors, run.optimizer, run.lr_scheduler, step, {"config": json.dumps(run.config.to_dict())})
 
 
 def load_checkpoint(
     path: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
-    text_encoder: torch.nn.Module | None = None,
+    text_encoder: TextEncoders = None,
 ) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint` (``text_encoder``: where it was trained too); returns
-    its step."""
+    """Restore a checkpoint written by :func:`save_checkpoint` (``text_encoder``: the text encoder, or SDXL's two by
+    pipeline attribute, where they were trained too); returns its step."""
     tensors, step, _ = load_state(path, optimizer, lr_scheduler)
-    for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
+    encoders = encoders_by_name(text_encoder)
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        prefix, model = component + ".", unet if component == "unet" else encoders.get(component)
         adapter = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not adapter:
             continue
@@ -63,7 +65,7 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return latest(output_dir / "checkpoints")
 
 
-def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> Path:
+def train(config: TrainConfig, pipe: Pipeline | None = None) -> Path:
     """Train one block-wise adapter; returns the final adapter file (``<output_dir>/adapter.safetensors``)."""
     out = Path(config.output_dir)
     run = TrainingRun(config, pipe)
@@ -73,7 +75,7 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     existing = checkpoints(out)
     if config.resume and existing:
         start = load_checkpoint(existing[-1], unet, run.optimizer, lr_scheduler,
-                                run.text_encoder if run.spec.text_encoder else None)
+                                run.text_encoders if run.spec.text_encoder else None)
         print(f"resumed from {existing[-1]} at step {start}", flush=True)
     elif (out / "adapter.safetensors").exists() or existing:
         raise FileExistsError(f"{out}: already holds a run; pass resume=True to continue it or choose a new output_dir")
@@ -143,8 +145,8 @@ def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None) -> P
     final = out / "adapter.safetensors"
     if accelerator.is_main_process:
         save_adapter(unet, final, run.spec, ADAPTER, base_model=config.model, trigger=config.trigger,
-                     steps=config.steps, text_encoder=run.text_encoder if run.spec.text_encoder else None,
-                     training=config.training_metadata())
+                     steps=config.steps, text_encoder=run.text_encoders if run.spec.text_encoder else None,
+                     training=config.training_metadata(run.spec.arch))
     return final
 
 
@@ -154,7 +156,7 @@ def write_run_config(out: Path, run: TrainingRun) -> None:
                                      "adapter": run.spec.to_dict(), **run.record()})
 
 
-def save_samples(pipe: StableDiffusionPipeline, config: TrainConfig, path: Path) -> None:
+def save_samples(pipe: Pipeline, config: TrainConfig, path: Path) -> None:
     """A row of sample images for the configured prompts at a fixed seed."""
     was_training = pipe.unet.training
     pipe.unet.eval()

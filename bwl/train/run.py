@@ -11,23 +11,26 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
 from bwl.adapters.block_lr import parameter_multiplier
-from bwl.adapters.spec import adapted_modules, add_adapter
+from bwl.adapters.spec import adapted_modules, add_adapter, unet_architecture
 from bwl.adapters.text_encoder import add_text_encoder_adapter
-from bwl.sd.pipeline import load_pipeline
+from bwl.sd.pipeline import Pipeline, load_pipeline, text_encoders
 from bwl.train import fast
 from bwl.train.batches import Batches
+from bwl.train.conditioning import Conditioning, unet_inputs, zeros_like_training
 from bwl.train.config import TrainConfig
 from bwl.train.fast import cpu_convolutions
 
 ADAPTER = "default"
 
 
-def denoising_loss(unet, noise_scheduler, latents, text, generator, fixed_timestep=None, weights=None) -> torch.Tensor:
-    """Mean noise-prediction MSE (epsilon or v-prediction target, per the scheduler config)."""
+def denoising_loss(unet, noise_scheduler, latents, text: Conditioning, generator, fixed_timestep=None,
+                   weights=None) -> torch.Tensor:
+    """Mean noise-prediction MSE (epsilon or v-prediction target, per the scheduler config); ``text`` is the text
+    embeddings, or SDXL's :class:`~bwl.train.conditioning.TextCondition`."""
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device, latents.dtype)
     if fixed_timestep is None:
         timesteps = torch.randint(
@@ -45,7 +48,8 @@ def denoising_loss(unet, noise_scheduler, latents, text, generator, fixed_timest
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = unet(noisy, timesteps, text).sample
+    states, extra = unet_inputs(text)
+    prediction = unet(noisy, timesteps, states, **extra).sample
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if weights is not None:
         per_example = per_example * weights
@@ -53,19 +57,20 @@ def denoising_loss(unet, noise_scheduler, latents, text, generator, fixed_timest
 
 
 def parameter_groups(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: TrainConfig
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | list[torch.nn.Module] | None, config: TrainConfig
 ) -> list[dict]:
     """The optimizer's parameter groups: the U-Net adapter's at ``learning_rate`` times each fine block's multiplier
     (``block_lr``) and, for LoRA's B matrices, the LoRA+ ratio, one group per distinct rate in parameter order; then
-    the text encoder's at ``text_encoder_lr``. Each group records its ``multiplier``."""
-    weights = config.block_lr_weights()
+    the text encoders' at ``text_encoder_lr``. Each group records its ``multiplier``."""
+    weights = config.block_lr_weights(unet_architecture(unet))
     by_multiplier: dict[float, list[torch.nn.Parameter]] = {}
     for name, param in unet.named_parameters():
         if param.requires_grad:
             by_multiplier.setdefault(parameter_multiplier(name, weights, config.loraplus_lr_ratio), []).append(param)
     groups = [{"params": params, "lr": config.learning_rate * m, "multiplier": m}
               for m, params in by_multiplier.items()]
-    trained = [p for p in text_encoder.parameters() if p.requires_grad] if text_encoder is not None else []
+    encoders = [] if text_encoder is None else text_encoder if isinstance(text_encoder, list) else [text_encoder]
+    trained = [p for encoder in encoders for p in encoder.parameters() if p.requires_grad]
     if trained:
         rate = config.text_encoder_lr or config.learning_rate
         groups.append({"params": trained, "lr": rate, "multiplier": rate / config.learning_rate})
@@ -89,21 +94,23 @@ def make_optimizer(groups: list[dict], config: TrainConfig, device: torch.device
     return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
-def prepare_models(pipe: StableDiffusionPipeline, config: TrainConfig, device: torch.device,
+def prepare_models(pipe: Pipeline, config: TrainConfig, device: torch.device,
                    weight_dtype: torch.dtype) -> fast.FastPath:
-    """Freeze the pipeline's models on ``device``, add the adapter (the U-Net's, and the text encoder's where it
-    trains) in float32, and apply the fast path's choices to the U-Net."""
-    unet, spec = pipe.unet, config.adapter_spec()
-    for module in (unet, pipe.vae, pipe.text_encoder):
+    """Freeze the pipeline's models on ``device``, add the adapter (the U-Net's, and the text encoders' where they
+    train) in float32, and apply the fast path's choices to the U-Net."""
+    unet, spec = pipe.unet, config.adapter_spec(unet_architecture(pipe.unet))
+    encoders = list(text_encoders(pipe).values())
+    for module in (unet, pipe.vae, *encoders):
         module.requires_grad_(False)
         module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
     set_seed(config.seed)  # the LoRA init draws from the global RNGs
     add_adapter(unet, spec, ADAPTER)
     adapted = [unet]
     if spec.text_encoder:
-        add_text_encoder_adapter(pipe.text_encoder, spec.rank, spec.alpha, ADAPTER)
-        pipe.text_encoder.train()
-        adapted.append(pipe.text_encoder)
+        for encoder in encoders:
+            add_text_encoder_adapter(encoder, spec.rank, spec.alpha, ADAPTER)
+            encoder.train()
+            adapted.append(encoder)
     for param in (p for model in adapted for p in model.parameters()):
         if param.requires_grad:
             param.data = param.data.float()
@@ -121,10 +128,10 @@ class TrainingRun:
     """One prepared run: the U-Net with its adapter, its batches, optimizer and LR schedule. :meth:`step` is the fast
     path (cached latents and text, device-side noise, no host sync); :func:`train` adds logging and checkpoints."""
 
-    def __init__(self, config: TrainConfig, pipe: StableDiffusionPipeline | None = None):
+    def __init__(self, config: TrainConfig, pipe: Pipeline | None = None):
         if config.random_crop and config.cache_latents:
             raise ValueError("random_crop needs cache_latents=False: cached latents are of the fixed center crop")
-        self.config, self.spec = config, config.adapter_spec()
+        self.config = config
         if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
             AcceleratorState._reset_state(reset_partial_state=True)  # a new precision in the same process (notebooks)
         self.accelerator = accelerator = Accelerator(
@@ -133,14 +140,17 @@ class TrainingRun:
         self.device = device = accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         self.pipe = pipe = pipe or load_pipeline(config.model)  # the model is checked before the data are read
+        self.spec = config.adapter_spec(unet_architecture(pipe.unet))  # the blocks read in the model's layout
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.text_encoders = text_encoders(pipe)
         self.fast = prepare_models(pipe, config, device, self.weight_dtype)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        text_forward = accelerator.prepare(self.text_encoder) if self.spec.text_encoder else self.text_encoder
+        encoders = list(self.text_encoders.values())
+        text_forward = [accelerator.prepare(e) for e in encoders] if self.spec.text_encoder else encoders
         self.batches = Batches(config, pipe, text_forward, device, self.weight_dtype, accelerator.process_index,
                                accelerator.num_processes, self.fast.channels_last)
         self.data = self.batches.data
-        groups = parameter_groups(self.unet, self.text_encoder if self.spec.text_encoder else None, config)
+        groups = parameter_groups(self.unet, encoders if self.spec.text_encoder else None, config)
         self.trainable = [p for group in groups for p in group["params"]]
         self.optimizer = make_optimizer(groups, config, device)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -152,11 +162,12 @@ class TrainingRun:
         if device.type == "cpu":  # zeros of the training shape: the choice needs shapes, not an encoded batch
             side = config.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
             latents = torch.zeros(config.batch_size, self.unet.config.in_channels, side, side)
-            text = torch.zeros(config.batch_size, pipe.tokenizer.model_max_length,
-                               self.unet.config.cross_attention_dim)
-            self.fast.cpu_convolutions = cpu_convolutions.choose(config.cpu_convolutions, self.unet, latents, text)
+            text = zeros_like_training(self.unet, config.batch_size, pipe.tokenizer.model_max_length)
+            states, extra = unet_inputs(text)
+            self.fast.cpu_convolutions = cpu_convolutions.choose(config.cpu_convolutions, self.unet, latents, states,
+                                                                 **extra)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
+    def batch(self, step: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor, torch.Generator]:
         """The batch of ``step`` (:class:`bwl.train.batches.Batches`)."""
         return self.batches(step)
 

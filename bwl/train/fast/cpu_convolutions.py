@@ -26,7 +26,7 @@ NATIVE_BELOW_MACS = 2e6  # mean multiply-accumulates per convolution call
 CHOICES = ("auto", "onednn", "native")
 
 
-def mean_conv_work(unet: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor) -> float:
+def mean_conv_work(unet: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor, **conditioning) -> float:
     """Mean multiply-accumulates per ``Conv2d`` call in one forward pass of ``unet`` on these inputs
     (adapter convolutions included: each is a call too). Draws no random numbers."""
     work: list[int] = []
@@ -39,22 +39,23 @@ def mean_conv_work(unet: torch.nn.Module, latents: torch.Tensor, text: torch.Ten
     timesteps = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            unet(latents, timesteps, text)
+            unet(latents, timesteps, text, **conditioning)
     finally:
         for hook in hooks:
             hook.remove()
     return sum(work) / len(work) if work else float("inf")
 
 
-def choose(setting: str, unet: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor) -> str:
-    """``onednn`` or ``native`` for ``setting`` (one of :data:`CHOICES`) on CPU inputs of the training shape."""
+def choose(setting: str, unet: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor, **conditioning) -> str:
+    """``onednn`` or ``native`` for ``setting`` (one of :data:`CHOICES`) on CPU inputs of the training shape
+    (``conditioning``: SDXL's ``added_cond_kwargs``)."""
     if setting not in CHOICES:
         raise ValueError(f"cpu_convolutions={setting!r} is not one of {', '.join(CHOICES)}")
     if setting != "auto":
         return setting
     if not torch.backends.mkldnn.is_available():
         return "native"
-    return "native" if mean_conv_work(unet, latents, text) < NATIVE_BELOW_MACS else "onednn"
+    return "native" if mean_conv_work(unet, latents, text, **conditioning) < NATIVE_BELOW_MACS else "onednn"
 
 
 @contextmanager
