@@ -1,5 +1,5 @@
-"""Command line: ``python -m bwl <command>``: run, train, inspect, export-kohya, import-kohya, sweep, methods, lengths,
-replicate, findings, eye-check, validate-reference, gates, assets, pretrain, probes, toy-clip, demo.
+"""Command line: ``python -m bwl <command>``: run, train, inspect, analyze, export-kohya, import-kohya, sweep, methods,
+lengths, replicate, findings, eye-check, validate-reference, gates, assets, pretrain, probes, toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, a failed notebook, or an
 operating-system error such as a full disk, with its path) is one line on stderr, ``bwl: error: <message>``, and exit
@@ -24,9 +24,11 @@ from bwl.core.atomic import write_text
 from bwl.core.config import ConfigError
 from bwl.data.datasets import DatasetError
 from bwl.data.tagging import TaggerError
+from bwl.sd.encoders import DEFAULT_CLIP, DEFAULT_DINO
 from bwl.sd.pipeline import load_pipeline
 from bwl.study.design.profile import load_profile
 from bwl.study.design.vocabulary import Concept
+from bwl.study.experiments.analyzer import analyze_file, reference_scorer
 from bwl.study.experiments.eyecheck import evaluate as evaluate_eye_check
 from bwl.study.experiments.eyecheck import write_sample
 from bwl.study.experiments.gates import gates as measure_gates
@@ -51,7 +53,8 @@ NAMED_FAILURES = (ConfigError, BlockSpecError, AdapterFileError, DatasetError, T
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bwl", description="Block-wise LoRA for Stable Diffusion 1.x")
+    parser = argparse.ArgumentParser(prog="python -m bwl",
+                                     description="Block-wise LoRA for Stable Diffusion (1.x, 2.x, XL)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure bwl can name")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -113,18 +116,32 @@ def parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="method, blocks, ranks and parameters of an adapter file")
     inspect.add_argument("path")
 
+    analyze = commands.add_parser("analyze", help="what each block of any adapter file does: one block off at a time")
+    analyze.add_argument("path")
+    analyze.add_argument("--model", required=True, help="base model id or directory (SD 1.x/2.x or SDXL)")
+    analyze.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    analyze.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt (0..N-1)")
+    analyze.add_argument("--steps", type=int, default=25)
+    analyze.add_argument("--out", default="block-effects", help="folder for block_effects.png/.md/.csv")
+    analyze.add_argument("--references", help="the adapter's training images: adds the reference metrics")
+    analyze.add_argument("--trigger", help="with --references: the adapter's trigger word in the prompts")
+    analyze.add_argument("--plain", default="", help="with --references: plain words for the trigger")
+    analyze.add_argument("--clip-model", default=DEFAULT_CLIP)
+    analyze.add_argument("--dino-model", default=DEFAULT_DINO)
+
     export = commands.add_parser("export-kohya", help="convert a bwl adapter to kohya/A1111 format")
     export.add_argument("path")
     export.add_argument("out")
 
     imp = commands.add_parser(
-        "import-kohya", help="convert a kohya SD1.x LoRA/LoCon (U-Net and text encoder) to a bwl adapter"
+        "import-kohya",
+        help="convert a kohya/LyCORIS SD 1.x/2.x or SDXL file (U-Net and text encoders) to a bwl adapter"
     )
     imp.add_argument("path")
     imp.add_argument("out")
     imp.add_argument("--model", required=True, help="base model id or directory (module names and shapes are checked)")
     imp.add_argument("--drop-unplaced", action="store_true",
-                     help="leave out U-Net modules outside the nine blocks (conv_in, time_embedding); "
+                     help="leave out U-Net modules outside the paper blocks (conv_in, time_embedding); "
                      "without it they are refused")
     return parser
 
@@ -132,6 +149,8 @@ def parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
     if args.command == "inspect":
         print(inspect_adapter(args.path).table())
+    elif args.command == "analyze":
+        print(_analyze(args).read_text())
     elif args.command == "export-kohya":
         print(export_kohya(args.path, args.out))
     elif args.command == "import-kohya":
@@ -177,6 +196,16 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         run_study(args.profile, _overrides(cli, args.overrides))
     elif args.command == "demo":
         print(run_demo(args.out, steps=args.steps))
+
+
+def _analyze(args: argparse.Namespace) -> Path:
+    score = None
+    if args.references:
+        if not args.trigger:
+            raise ConfigError("--references needs --trigger: the word in the prompts that calls the adapter")
+        score = reference_scorer(args.references, args.trigger, args.plain, args.clip_model, args.dino_model)
+    return analyze_file(args.path, args.model, args.prompt, list(range(args.seeds)), args.out, args.steps,
+                        score=score, record={"references": args.references, "trigger": args.trigger})
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -208,20 +208,51 @@ def _is_number_list(text: str) -> bool:
     return True
 
 
+def parse_selection(spec: str | Iterable[str], arch: ArchitectureLike | None = None) -> tuple[str, ...]:
+    """The fine blocks a training selection names, in U-Net order. A selection is a paper spec (``"upper"``,
+    ``"IN0+OUT3"``), kohya fine blocks (``"OUT00+OUT01"``, B-LoRA's content and style blocks on SDXL) or both, or a
+    lora-block-weight vector (its nonzero U-Net slots; BASE, the text encoder, is ``text_encoder``'s to say)."""
+    arch = get_architecture(arch)
+    if isinstance(spec, str) and "," in spec and _is_number_list(spec):
+        weights = lbw_weights(spec, arch)
+        return tuple(f for f in arch.fine_blocks if f != "IN00" and weights[f] != 0)
+    terms = re.split(r"[+,]", spec) if isinstance(spec, str) else list(spec)
+    fine = {t.strip().upper() for t in terms if isinstance(t, str) and t.strip().upper() in arch.fine_blocks}
+    if "IN00" in fine:
+        raise BlockSpecError(f"IN00 is {arch.label}'s conv_in, which no adapter bwl trains holds")
+    rest = [t for t in terms if not (isinstance(t, str) and t.strip().upper() in fine)]
+    papers = parse_blocks(rest, arch) if rest or not fine else ()
+    chosen = fine | {f for p in papers for f in arch.fine_blocks_of(p)}
+    return tuple(f for f in arch.fine_blocks if f in chosen)
+
+
+def format_selection(fine: Iterable[str], arch: ArchitectureLike | None = None) -> str:
+    """The canonical spec string for selected fine blocks: whole paper blocks as :func:`format_blocks` writes them,
+    then any fine blocks of partly selected ones."""
+    arch = get_architecture(arch)
+    fine = set(fine)
+    whole = [p for p in arch.paper_blocks if set(arch.fine_blocks_of(p)) <= fine]
+    partial = [f for f in arch.fine_blocks if f in fine and arch.paper_block_of_fine(f) not in whole]
+    if not partial:
+        return format_blocks(whole, arch)
+    return "+".join(([format_blocks(whole, arch)] if whole else []) + partial)
+
+
 def block_ranks(blocks: str | Iterable[str], rank: int, overrides: Mapping[str, int] | None = None,
                 arch: ArchitectureLike | None = None) -> dict[str, int]:
-    """Training ranks per fine block (kohya ``block_dims`` semantics): the selected blocks get ``rank``.
+    """Training ranks per fine block (kohya ``block_dims`` semantics): the selected blocks (:func:`parse_selection`)
+    get ``rank``.
 
     ``overrides`` maps paper blocks, groups or fine blocks to ranks; fine names win over paper names and a rank
     of 0 skips the block. Blocks with no positive rank are left out of the result.
     """
     arch = get_architecture(arch)
-    selected = parse_blocks(blocks, arch)
+    selected = parse_selection(blocks, arch)
     if selected and (not isinstance(rank, int) or rank <= 0):
         raise BlockSpecError(
-            f"rank must be a positive integer for the selected blocks {format_blocks(selected, arch)}, got {rank!r}"
-        )
-    ranks = {f: rank for p in selected for f in arch.fine_blocks_of(p)}
+            f"rank must be a positive integer for the selected blocks {format_selection(selected, arch)}, "
+            f"got {rank!r}")
+    ranks = dict.fromkeys(selected, rank)
     paper_overrides: dict[str, int] = {}
     fine_overrides: dict[str, int] = {}
     for key, value in (overrides or {}).items():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bwl.adapters.architectures import ARCHITECTURES
-from bwl.adapters.blocks import FINE_BLOCKS, BlockSpecError, parse_blocks
+from bwl.adapters.blocks import FINE_BLOCKS, BlockSpecError, parse_selection
 from bwl.adapters.methods import METHODS
 from bwl.adapters.spec import AdapterSpec
 
@@ -133,7 +133,7 @@ def _parse_blocks(path: str | Path, text: str) -> str:
     errors = []
     for arch in ARCHITECTURES.values():  # the field is read in the file's layout, which bwl_architecture names
         try:
-            parse_blocks(text, arch)
+            parse_selection(text, arch)
             return text
         except BlockSpecError as err:
             errors.append(err)

@@ -29,9 +29,9 @@ from bwl.adapters.blocks import (
     BlockSpecError,
     block_ranks,
     fine_block,
-    format_blocks,
+    format_selection,
     paper_block,
-    parse_blocks,
+    parse_selection,
 )
 from bwl.adapters.methods import (
     base_layer,
@@ -64,6 +64,8 @@ class AdapterSpec:
     """What to adapt: method, blocks and ranks. Serialisable, so it travels in file metadata and run configs.
 
     ``method`` is one of :data:`bwl.adapters.methods.METHODS`; ``dora`` decomposes a ``lora``/``locon`` update (DoRA).
+    ``blocks`` is a paper spec (``"upper"``), kohya fine blocks (``"OUT00+OUT01"``) or a lora-block-weight vector
+    (:func:`bwl.adapters.blocks.parse_selection`).
 
     ``alpha`` defaults to the rank (scale 1, as diffusers' DreamBooth LoRA script); ``conv_rank``/``conv_alpha``
     apply to 3x3 convs (kohya ``conv_dim``/``conv_alpha``) and default to the block's linear values.
@@ -96,7 +98,7 @@ class AdapterSpec:
         if method.rank_is_block_size and (self.alpha is not None or self.conv_alpha is not None):
             raise BlockSpecError(f"method {self.method!r} has no alpha (its rank is the orthogonal block size); "
                                  "leave alpha and conv_alpha unset")
-        self.blocks = format_blocks(parse_blocks(self.blocks, self.arch), self.arch)
+        self.blocks = format_selection(parse_selection(self.blocks, self.arch), self.arch)
         if self.conv_rank is not None and (not isinstance(self.conv_rank, int) or self.conv_rank <= 0):
             raise BlockSpecError(f"conv_rank must be a positive integer, got {self.conv_rank!r}")
         self.fine_ranks()

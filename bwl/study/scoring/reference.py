@@ -104,7 +104,7 @@ class ReferenceScorer:
                  style_images: Sequence[Image.Image], triggers: Mapping[str, str], batch_size: int = 32):
         self.clip, self.dino, self.batch_size = clip, dino, batch_size
         self.triggers = dict(triggers)  # trigger word -> plain words ("zkc" -> "a person")
-        self.identity_trigger, self.style_trigger = list(triggers)[:2]
+        self.identity_trigger, self.style_trigger = (list(triggers) * 2)[:2]  # one trigger: both read against it
         self.main = dino or clip  # identity, preservation and diversity read DINOv2 where there is one
         self.identity_main = self.main.embed(identity_images, batch_size)
         self.identity_clip = clip.embed(identity_images, batch_size)
