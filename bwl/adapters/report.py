@@ -29,6 +29,7 @@ class AdapterReport:
     parameters: dict[str, int]
     fine_ranks: dict[str, int]
     text_encoder_modules: int
+    text_encoders: dict[str, int] = field(default_factory=dict)
     not_placed: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -45,8 +46,7 @@ class AdapterReport:
             if self.metadata.get(key):
                 lines.append(f"{key}: {self.metadata[key]}")
         lines.append(f"{'block':<6} {'ranks':<10} {'alphas':<14} {'params':>10}")
-        rows = tuple(self.parameters) if self.text_encoder_modules else tuple(
-            b for b in self.parameters if b != TEXT_ENCODER_ROW)
+        rows = tuple(self.parameters)
         for block in rows:
             ranks = ",".join(map(str, self.ranks.get(block, []))) or "0"
             alphas = ",".join(f"{a:g}" for a in self.alphas.get(block, [])) or "-"
@@ -54,7 +54,8 @@ class AdapterReport:
         total = sum(self.parameters.values()) + sum(self.not_placed.values())
         lines.append(f"{'total':<6} {'':<10} {'':<14} {total:>10,}")
         if self.text_encoder_modules:
-            lines.append(f"text encoder: {self.text_encoder_modules} modules (BASE)")
+            counts = ", ".join(f"{name} {n}" for name, n in self.text_encoders.items())
+            lines.append(f"text encoder: {self.text_encoder_modules} modules (BASE: {counts})")
         if self.not_placed:
             shown = ", ".join(f"{name} ({n:,} params)" for name, n in self.not_placed.items())
             lines.append(f"not placed (outside the paper blocks): {shown}")
@@ -102,6 +103,7 @@ def inspect_adapter(path: str | Path) -> AdapterReport:
         parameters=params,
         fine_ranks={f: fine[f] for f in arch.fine_blocks if f in fine},
         text_encoder_modules=len(contents.text_encoder),
+        text_encoders={name: len(modules) for name, modules in contents.text_encoders.items()},
         not_placed={m.name: m.parameters for m in contents.unplaced},
         metadata={**{k: v for k, v in meta.items() if k.startswith("bwl_")}, **kohya_fields(meta)},
     )

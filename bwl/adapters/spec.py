@@ -24,7 +24,7 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft import PeftConfig
 
-from bwl.adapters.architectures import SD1, Architecture, architecture_of, get_architecture
+from bwl.adapters.architectures import ARCHITECTURES, SD1, Architecture, architecture_of, get_architecture
 from bwl.adapters.blocks import (
     BlockSpecError,
     block_ranks,
@@ -98,10 +98,21 @@ class AdapterSpec:
         if method.rank_is_block_size and (self.alpha is not None or self.conv_alpha is not None):
             raise BlockSpecError(f"method {self.method!r} has no alpha (its rank is the orthogonal block size); "
                                  "leave alpha and conv_alpha unset")
-        self.blocks = format_selection(parse_selection(self.blocks, self.arch), self.arch)
+        self.blocks = self._canonical_blocks()
         if self.conv_rank is not None and (not isinstance(self.conv_rank, int) or self.conv_rank <= 0):
             raise BlockSpecError(f"conv_rank must be a positive integer, got {self.conv_rank!r}")
-        self.fine_ranks()
+        layouts = [self.arch] if self.architecture else [a for a in ARCHITECTURES.values() if _parses(self.blocks, a)]
+        block_ranks(self.blocks, self.rank, self.block_ranks, layouts[0])  # ranks and overrides checked
+
+    def _canonical_blocks(self) -> str:
+        """``blocks`` as :func:`format_selection` writes it in the spec's layout. Without one, a selection only another
+        layout reads (SDXL's 20-value vector) is kept as given until :meth:`bind` reads it in the model's."""
+        try:
+            return format_selection(parse_selection(self.blocks, self.arch), self.arch)
+        except BlockSpecError:
+            if self.architecture is not None or not any(_parses(self.blocks, a) for a in ARCHITECTURES.values()):
+                raise
+            return self.blocks
 
     @property
     def arch(self) -> Architecture:
@@ -150,6 +161,14 @@ class AdapterSpec:
         if values["architecture"] is None:
             del values["architecture"]
         return values
+
+
+def _parses(blocks: str, arch: Architecture) -> bool:
+    try:
+        parse_selection(blocks, arch)
+    except BlockSpecError:
+        return False
+    return True
 
 
 def unet_architecture(unet: torch.nn.Module) -> Architecture:
