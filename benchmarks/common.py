@@ -14,17 +14,27 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bwl.core.atomic import atomic_path, write_text
 from bwl.sd.pipeline import load_pipeline
-from bwl.sd.tiny import assemble_pipeline, full_size_sd1_unet, tiny_pipeline
+from bwl.sd.tiny import (
+    SDXL_SCHEDULE,
+    TINY_WORDS,
+    assemble_pipeline,
+    build_tiny_sdxl_pipeline,
+    full_size_sd1_unet,
+    full_size_sdxl_unet,
+    tiny_pipeline,
+)
+from bwl.sd.tokenizer import word_tokenizer
 from bwl.toy.assets import TOY_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINY_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench" / "tiny-sd"
+TINY_XL_DIR = TINY_DIR.parent / "tiny-sdxl"
 
 # bf16 dense tensor-core peaks (TFLOP/s) for model-FLOPs utilization; the SXM parts' datasheet values.
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0}
@@ -61,8 +71,37 @@ def full_size_sd1_pipeline(
     return pipe.to(dtype=dtype)
 
 
+def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, projection: int | None = None):
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                            hidden_act="quick_gelu" if projection is None else "gelu", bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, **({"projection_dim": projection} if projection else {}))
+    return CLIPTextModel(config) if projection is None else CLIPTextModelWithProjection(config)
+
+
+def full_size_sdxl_pipeline(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> StableDiffusionXLPipeline:
+    """SDXL base's U-Net, VAE, CLIP ViT-L and OpenCLIP ViT-bigG text encoders with random weights."""
+    with torch.device(device):
+        unet = full_size_sdxl_unet()
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), scaling_factor=0.13025,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        first, second = _clip_text(768, 12, 12, 3072), _clip_text(1280, 32, 20, 5120, projection=1280)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=first, text_encoder_2=second,
+                                     tokenizer=word_tokenizer(TINY_WORDS), tokenizer_2=word_tokenizer(TINY_WORDS),
+                                     unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULE),
+                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
 def load_model(kind: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """``tiny`` (the test model, through from_pretrained), ``toy`` (the shipped micro SD) or ``full`` (SD 1.x's
+    """``tiny`` (the test model, through from_pretrained), ``toy`` (the shipped micro SD), ``full`` (SD 1.x's
+    architecture, random weights), ``xl-tiny`` (a tiny SDXL, through from_pretrained) or ``xl-full`` (SDXL base's
     architecture, random weights).
 
     Frees what earlier settings left first, so one setting's peak memory never includes another's model.
@@ -78,7 +117,14 @@ def load_model(kind: str, device: torch.device, dtype: torch.dtype = torch.float
         return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
     if kind == "full":
         return full_size_sd1_pipeline(dtype, device)
-    raise ValueError(f"unknown model {kind!r}; valid: tiny, toy, full")
+    if kind == "xl-tiny":
+        if not (TINY_XL_DIR / "model_index.json").exists():
+            build_tiny_sdxl_pipeline(TINY_XL_DIR)
+        pipe = load_pipeline(TINY_XL_DIR)
+        return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+    if kind == "xl-full":
+        return full_size_sdxl_pipeline(dtype, device)
+    raise ValueError(f"unknown model {kind!r}; valid: tiny, toy, full, xl-tiny, xl-full")
 
 
 def write_dataset(folder: Path, resolution: int, count: int = 8, seed: int = 0) -> Path:

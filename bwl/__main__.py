@@ -1,5 +1,6 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, analyze, export-kohya, import-kohya, sweep, methods,
-lengths, replicate, findings, eye-check, validate-reference, gates, assets, pretrain, probes, toy-clip, demo.
+lengths, replicate, findings, eye-check, validate-reference, gates, assets, block-maps, pretrain, probes, toy-clip,
+demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, a failed notebook, or an
 operating-system error such as a full disk, with its path) is one line on stderr, ``bwl: error: <message>``, and exit
@@ -15,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from bwl.adapters.architectures import block_maps_markdown
 from bwl.adapters.blocks import BlockSpecError
 from bwl.adapters.files import AdapterFileError
 from bwl.adapters.kohya import export_kohya, import_kohya
@@ -104,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--profile", default="toy")
     commands.add_parser("assets", help="the shipped assets' records as one table (figures/assets.md)")
+    commands.add_parser("block-maps", help="every U-Net layout's block map as tables (figures/block-maps.md)")
     toy_clip = commands.add_parser("toy-clip", help="retrain the toy CLIP (data/toy-clip) on the seen concepts")
     toy_clip.add_argument("--steps", type=int, default=600)
     gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
@@ -182,6 +185,8 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         profile = load_profile(args.profile)
         print(write_validation(Study(profile).cells, profile.figures / "reference-validation.md",
                                f"python -m bwl validate-reference --profile {args.profile}"))
+    elif args.command == "block-maps":
+        print(write_text(Path("figures") / "block-maps.md", block_maps_markdown()).read_text())
     elif args.command == "assets":
         print(write_text(Path("figures") / "assets.md", assets_markdown()).read_text())
     elif args.command == "toy-clip":

@@ -1,6 +1,6 @@
-"""SDXL and SD 2.x in the toolkit, on tiny random pipelines saved with ``save_pretrained`` and loaded by path: block maps
-detected from the U-Net's config, block-wise training for every method, files both ways (bwl's own, kohya's SGM names,
-LyCORIS), block weights, refusals of a file for the other layout, and the block analyzer on any file.
+"""SDXL and SD 2.x in the toolkit, on tiny random pipelines saved with ``save_pretrained`` and loaded by path: block
+maps detected from the U-Net's config, block-wise training for every method, files both ways (bwl's own, kohya's
+SGM names, LyCORIS), block weights, refusals of a file for the other layout, and the block analyzer on any file.
 
 kohya's and lora-block-weight's facts are written out here from their sources (sd-scripts' ``sdxl_model_util`` and
 ``networks/lora.py``, lora-block-weight's ``BLOCKID12``/``BLOCKID20``), independently of bwl's code."""
@@ -316,3 +316,22 @@ def test_analyze_writes_the_block_effect_chart_and_table_for_any_file(tmp_path, 
     assert all(re.search(r"\| \d+\.\d\d ± \d+\.\d\d \|", line) for line in table.splitlines()[2:])
     assert (out / "block_effects.png").stat().st_size > 0 and (out / "block_effects.csv").exists()
     assert capsys.readouterr().out.strip().endswith(table.strip().splitlines()[-1])
+
+
+def test_paper_xl_profile_is_the_paper_on_sdxl_and_the_study_path_runs_on_a_tiny_sdxl(tmp_path, xl_dir):
+    from bwl.study import Study, load_profile
+
+    p = load_profile("paper-xl")
+    assert p.model == "stabilityai/stable-diffusion-xl-base-1.0" and p.resolution == 1024
+    assert p.train["steps"] == 11000 and p.train["batch_size"] == 2 and p.metrics == "reference"
+    assert "fig2" not in p.grids  # LoRA on SDXL's upper pair (no attention) trains nothing
+    study = Study(load_profile("smoke", {"model": str(xl_dir), "build_tiny": False, "grids": ["fig4b"], "seeds": [0],
+                                         "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures")}))
+    study.prepare_data()
+    logs = []
+    study.train_all(log=logs.append)
+    study.run_grids(log=logs.append)
+    assert any("fig4b: 6 cells" in line for line in logs), logs
+    style_upper = next((tmp_path / "runs").rglob("style_locon_upper*/adapter.safetensors"))
+    assert read_metadata(style_upper)["bwl_architecture"] == "sdxl"
+    assert inspect_adapter(style_upper).blocks == "upper" and inspect_adapter(style_upper).parameters["OUT2"] > 0

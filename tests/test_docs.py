@@ -111,6 +111,12 @@ def test_the_assets_table_is_the_assets_records():
     assert (ROOT / "figures" / "assets.md").read_text() == assets_markdown()
 
 
+def test_the_block_maps_are_the_vocabulary():
+    from bwl.adapters.architectures import block_maps_markdown
+
+    assert (ROOT / "figures" / "block-maps.md").read_text() == block_maps_markdown()
+
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 

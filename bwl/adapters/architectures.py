@@ -251,3 +251,37 @@ def sgm_block(module_name: str) -> tuple[str, int] | None:
     """(``input_blocks``/``middle_block``/``output_blocks``, index) of an SGM module name (dots or underscores)."""
     m = _SGM.match(module_name)
     return (m.group(1), int(m.group(2))) if m else None
+
+
+def _span(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]}–{names[-1]}" if names else "–"
+
+
+def block_map_markdown(arch: Architecture) -> str:
+    """``arch``'s block map as a markdown table: each paper block's diffusers prefix, resolution level, attention,
+    group and kohya fine blocks (with those a plain LoRA adapts), then the lora-block-weight vectors and kohya slots."""
+    group_of = {b: g for g, members in arch.groups.items() if g not in ("all", "none") for b in members}
+    rows = ["| paper block | diffusers prefix | level | attention | group | kohya fine blocks | of them with attention |",
+            "|---|---|---|---|---|---|---|"]
+    for block in arch.paper_blocks:
+        level = arch.level_of(block)
+        fine = list(arch.fine_blocks_of(block))
+        attended = [f for f in fine if f in arch.attention_fine_blocks]
+        rows.append(f"| {block} | `{arch.prefixes[block]}` | {'lowest' if level is None else level} | "
+                    f"{'yes' if arch.holds_attention(block) else 'no'} | {group_of.get(block, '–')} | {_span(fine)} | "
+                    f"{', '.join(attended) or 'none'} |")
+    presets = ", ".join(arch.lbw_presets)
+    rows += ["", f"lora-block-weight vectors: {len(arch.lbw_short)} values (`{','.join(arch.lbw_short)}`) or "
+             f"{len(arch.lbw_full)} (BASE and every fine block); presets: {presets}. kohya's `block_dims` has "
+             f"{len(arch.kohya_slots)} slots; its files name the U-Net's modules by "
+             f"{'the original (SGM) model' if arch.kohya_sgm_names else 'diffusers'} and its text encoders "
+             f"{' and '.join(f'`{p}`' for p in arch.kohya_te_prefixes)}."]
+    return "\n".join(rows) + "\n"
+
+
+def block_maps_markdown() -> str:
+    """Every layout's block map (:func:`block_map_markdown`), one section each: what the book's toolkit page shows."""
+    sections = []
+    for arch in ARCHITECTURES.values():
+        sections.append(f"#### {arch.label} (`{arch.name}`, e.g. `{arch.paper_model}`)\n\n{block_map_markdown(arch)}")
+    return "\n".join(sections)
