@@ -261,7 +261,8 @@ def block_map_markdown(arch: Architecture) -> str:
     """``arch``'s block map as a markdown table: each paper block's diffusers prefix, resolution level, attention,
     group and kohya fine blocks (with those a plain LoRA adapts), then the lora-block-weight vectors and kohya slots."""
     group_of = {b: g for g, members in arch.groups.items() if g not in ("all", "none") for b in members}
-    header = "| paper block | diffusers prefix | level | attention | group | kohya fine blocks | of them with attention |"
+    header = ("| paper block | diffusers prefix | level | attention | group | kohya fine blocks "
+              "| of them with attention |")
     rows = [header, "|---|---|---|---|---|---|---|"]
     for block in arch.paper_blocks:
         level = arch.level_of(block)
