@@ -9,7 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -71,6 +77,15 @@ def text_encoders(pipe: Pipeline) -> dict[str, torch.nn.Module]:
     """The pipeline's text encoders by attribute: ``text_encoder`` (and SDXL's ``text_encoder_2``)."""
     return {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")
             if getattr(pipe, name, None) is not None}
+
+
+def unet_config(model: str | Path) -> dict:
+    """The U-Net's config of a pipeline (hub id or directory), without loading any weights."""
+    local = Path(model).is_dir()
+    try:
+        return dict(UNet2DConditionModel.load_config(str(model), subfolder="unet", local_files_only=local))
+    except (OSError, ValueError) as error:
+        raise ModelNotFound(f"model {str(model)!r}: no U-Net config found ({error})") from None
 
 
 def _pipeline_class(model: str | Path, local_files_only: bool) -> type:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
-from bwl.adapters.blocks import PAPER_BLOCKS
 from bwl.adapters.compose import load_adapters, set_block_weights
+from bwl.adapters.spec import unet_architecture
 from bwl.sd.generate import generate
 from bwl.sd.pipeline import load_pipeline
 
@@ -23,7 +23,7 @@ class BlockExplorer:
         self.prompt, self.seed, self.steps, self.size, self.scale = prompt, seed, steps, size, scale
         self.sliders = {
             name: {b: widgets.FloatSlider(value=1.0, min=0.0, max=1.5, step=0.1, description=b, continuous_update=False)
-                   for b in PAPER_BLOCKS}
+                   for b in unet_architecture(self.pipe.unet).paper_blocks}
             for name in adapters
         }
         self.image = widgets.Image(format="png")

@@ -8,11 +8,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from bwl.adapters.blocks import PAPER_BLOCKS
+from bwl.adapters.architectures import architecture_of
 from bwl.adapters.report import inspect_adapter
+from bwl.adapters.spec import unet_architecture
 from bwl.core.images import labeled_grid
 from bwl.data.captions import tag_frequency
-from bwl.sd.pipeline import load_pipeline
+from bwl.sd.pipeline import load_pipeline, unet_config
 from bwl.study.design.vocabulary import METRICS, Concept
 from bwl.study.running.study import Study
 from bwl.train.losses import plot_loss_curve
@@ -37,7 +38,7 @@ def training_plan(study: Study) -> str:
     lines = [f"{'adapter':<20} {'concept':<8} {'method':<6} {'blocks':<7} {'trainable':>9}  {'run':<28} status"]
     for key in study.needed_adapters():
         config = study.train_config(key)
-        params = config.adapter_spec().parameter_count(unet)
+        params = config.adapter_spec(unet_architecture(unet)).parameter_count(unet)
         folder = Path(config.output_dir)
         status = "trained" if (folder / "adapter.safetensors").exists() else "to train"
         lines.append(f"{key!s:<20} {key.concept.value:<8} {key.label:<6} {key.blocks:<7} {params:>9,}  "
@@ -46,14 +47,14 @@ def training_plan(study: Study) -> str:
 
 
 def adapter_table(study: Study) -> str:
-    """Every trained adapter: method, blocks, and adapter parameters per paper block (read from its file)."""
-    header = (
-        f"{'adapter':<20} {'method':<6} {'blocks':<7} " + " ".join(f"{b:>6}" for b in PAPER_BLOCKS) + f" {'total':>8}"
-    )
+    """Every trained adapter: method, blocks, and adapter parameters per paper block (read from its file, in the
+    blocks of the model's layout)."""
+    blocks = architecture_of(unet_config(study.model)).paper_blocks
+    header = f"{'adapter':<20} {'method':<6} {'blocks':<7} " + " ".join(f"{b:>6}" for b in blocks) + f" {'total':>8}"
     lines = [header]
     for key, path in study.adapter_files().items():
         report = inspect_adapter(path)
-        counts = " ".join(f"{report.parameters[b]:>6}" for b in PAPER_BLOCKS)
+        counts = " ".join(f"{report.parameters.get(b, 0):>6}" for b in blocks)
         lines.append(f"{key!s:<20} {report.method:<6} {report.blocks:<7} {counts} {sum(report.parameters.values()):>8}")
     return "\n".join(lines)
 
