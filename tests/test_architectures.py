@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from bwl.__main__ import main
-from bwl.adapters.architectures import SD1, SD2, SDXL, architecture_of, sgm_name
+from bwl.adapters.architectures import SD1, SD2, SDXL, architecture_of, kohya_slots, sgm_name
 from bwl.adapters.blocks import BlockSpecError, block_weights, fine_block, parse_selection
 from bwl.adapters.compose import load_adapter, set_block_weights
 from bwl.adapters.files import AdapterFileError, read_metadata, read_tensors, save_adapter
@@ -92,8 +92,8 @@ def test_block_maps_follow_kohya_and_lora_block_weight(xl, pipe, sd2_dir):
     assert architecture_of(xl.unet.config) is SDXL and architecture_of(pipe.unet.config) is SD1
     assert architecture_of(load_pipeline(sd2_dir).unet.config) is SD2
     assert list(SDXL.lbw_short) == LBW_BLOCKID12 and list(SDXL.lbw_full) == LBW_BLOCKID20
-    assert len(SD1.lbw_short) == 17 and len(SD1.lbw_full) == 26 and len(SD1.kohya_slots) == 25
-    assert len(SDXL.kohya_slots) == 23  # sd-scripts: 1 + 9 + 3 + 9 + 1
+    assert len(SD1.lbw_short) == 17 and len(SD1.lbw_full) == 26 and len(kohya_slots(SD1)) == 25
+    assert len(kohya_slots(SDXL)) == 23  # sd-scripts: 1 + 9 + 3 + 9 + 1
     assert SDXL.groups["upper"] == ("IN0", "OUT2") and SDXL.groups["bottom"] == ("IN2", "OUT0")
     assert SD1.groups["upper"] == ("IN0", "OUT3") and SD1.groups["middle"] == ("IN1", "OUT2")
     checked = 0
@@ -116,7 +116,7 @@ def test_selections_read_in_the_layout():
     assert parse_selection(vector, SDXL) == ("OUT00", "OUT01")
     assert block_weights("upper", SDXL)["OUT08"] == 1 and block_weights("upper", SDXL)["OUT00"] == 0
     assert set(block_weights(vector, SDXL)) == set(LBW_BLOCKID20)
-    with pytest.raises(BlockSpecError, match="unknown SDXL block 'IN3'"):
+    with pytest.raises(BlockSpecError, match="unknown block 'IN3'; valid on SDXL: IN0, IN1, IN2, MID, OUT0, OUT1, OUT2"):
         AdapterSpec("lora", "IN3", architecture="sdxl")
     with pytest.raises(BlockSpecError, match="12 or 20 values"):
         block_weights([1.0] * 17, SDXL)

@@ -27,7 +27,7 @@ def test_profiles_load_and_refuse_unknown_keys():
         load_profile("toy", {"sedes": [1]})
     with pytest.raises(ConfigError, match="'stepz'"):
         load_profile("toy", {"train": {"stepz": 3}})
-    with pytest.raises(ConfigError, match="valid: lengths, methods, paper, replicate, smoke, sweep, toy"):
+    with pytest.raises(ConfigError, match="valid: lengths, methods, paper, paper-xl, replicate, smoke, sweep, toy"):
         load_profile("toyy")
     with pytest.raises(ConfigError, match="fig9"):
         load_profile("toy", {"grids": ["fig9"]})

@@ -28,22 +28,24 @@ class BlockSpecError(ValueError):
 
 @dataclass(frozen=True)
 class Architecture:
-    """One U-Net layout and everything bwl names in it."""
+    """One U-Net layout and everything bwl names in it.
+
+    ``attention``: per resolution level, highest first, whether ``down_blocks.i`` (and its mirror up block) holds
+    attention. ``text_encoders``: the pipeline's text-encoder attributes, in the order of kohya's
+    ``kohya_te_prefixes``. ``kohya_sgm_names``: whether kohya names the U-Net's modules by the original (SGM) model, as
+    it does SDXL's. ``kohya_version``: sd-scripts' ``ss_base_model_version``. ``presets``: lora-block-weight's own
+    presets over the short vector, where it has them (SD 1.x's 17 values).
+    """
 
     name: str
     label: str
     attention: tuple[bool, ...]
-    """Per resolution level, highest first: whether ``down_blocks.i`` (and its mirror up block) holds attention."""
     text_encoders: tuple[str, ...]
-    """The pipeline's text-encoder attributes, in kohya's order (``lora_te`` or ``lora_te1``, ``lora_te2``)."""
     kohya_te_prefixes: tuple[str, ...]
     kohya_sgm_names: bool
-    """Whether kohya names this U-Net's modules by the original (SGM) model, as it does SDXL's."""
     kohya_version: str
-    """sd-scripts' ``ss_base_model_version``."""
     paper_model: str
     presets: tuple[tuple[str, tuple[float, ...]], ...] = ()
-    """lora-block-weight's own presets over the short vector, where it has them (SD 1.x's 17 values)."""
 
     @property
     def levels(self) -> int:
@@ -99,17 +101,9 @@ class Architecture:
 
     @cached_property
     def attention_fine_blocks(self) -> tuple[str, ...]:
-        """The fine blocks that hold a transformer: what a plain LoRA can adapt."""
-        held = []
-        for fine in self.fine_blocks[1:]:
-            if fine == "M00":
-                held.append(fine)
-                continue
-            n = int(fine[-2:])
-            is_sampler = fine.startswith("IN") and n % 3 == 0
-            if not is_sampler and self.holds_attention(self.paper_block_of_fine(fine)):
-                held.append(fine)
-        return tuple(held)
+        """The fine blocks that hold a transformer (not a downsampler, IN03, IN06, …): what a plain LoRA adapts."""
+        return tuple(f for f in self.fine_blocks[1:] if not (f.startswith("IN") and int(f[-2:]) % 3 == 0)
+                     and self.holds_attention(self.paper_block_of_fine(f)))
 
     @cached_property
     def lbw_full(self) -> tuple[str, ...]:
@@ -123,31 +117,10 @@ class Architecture:
     def lbw_presets(self) -> dict[str, tuple[float, ...]]:
         """Presets over the short vector: lora-block-weight's own where it has them, else the ones that mean the
         same on any layout (NONE, ALL, INALL and OUTALL with BASE on, ALL0.5)."""
-        if self.presets:
-            return dict(self.presets)
         ids = self.lbw_short
-
-        def only(prefix: str) -> tuple[float, ...]:
-            return tuple(1.0 if f == "BASE" or f.startswith(prefix) else 0.0 for f in ids)
-
-        return {"NONE": (0.0,) * len(ids), "ALL": (1.0,) * len(ids), "INALL": only("IN"), "OUTALL": only("OUT"),
-                "ALL0.5": (0.5,) * len(ids)}
-
-    @cached_property
-    def kohya_slots(self) -> tuple[str, ...]:
-        """The slots of kohya's ``block_dims``/``block_alphas``: 25 on SD 1.x (the fine blocks), 23 on SDXL (time
-        embedding, IN00..IN08, middle_block 0..2, OUT00..OUT08, out)."""
-        if not self.kohya_sgm_names:
-            return self.fine_blocks
-        per_side = 3 * self.levels
-        return (("EMB",) + tuple(f"IN{i:02d}" for i in range(per_side)) + ("M00", "M01", "M02")
-                + tuple(f"OUT{i:02d}" for i in range(per_side)) + ("OUT",))
-
-    def fine_block_of_slot(self, slot: str) -> str | None:
-        """The fine block a kohya slot belongs to (SDXL's three middle slots are M00); None for EMB and OUT."""
-        if slot in ("EMB", "OUT"):
-            return None
-        return "M00" if slot.startswith("M0") else slot
+        only = {half: tuple(1.0 if f == "BASE" or f.startswith(half) else 0.0 for f in ids) for half in ("IN", "OUT")}
+        return dict(self.presets) or {"NONE": (0.0,) * len(ids), "ALL": (1.0,) * len(ids), "INALL": only["IN"],
+                                      "OUTALL": only["OUT"], "ALL0.5": (0.5,) * len(ids)}
 
 
 LBW_SD1_PRESETS: tuple[tuple[str, tuple[float, ...]], ...] = (
@@ -170,6 +143,23 @@ SDXL = Architecture("sdxl", "SDXL", (False, True, True), ("text_encoder", "text_
                     ("lora_te1_", "lora_te2_"), True, "sdxl_base_v1-0", "stabilityai/stable-diffusion-xl-base-1.0")
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL)}
 ArchitectureLike = Architecture | str
+
+
+def kohya_slots(arch: Architecture) -> tuple[str, ...]:
+    """The slots of kohya's ``block_dims``/``block_alphas``: 25 on SD 1.x (the fine blocks), 23 on SDXL (time
+    embedding, IN00..IN08, middle_block 0..2, OUT00..OUT08, out)."""
+    if not arch.kohya_sgm_names:
+        return arch.fine_blocks
+    per_side = 3 * arch.levels
+    return (("EMB",) + tuple(f"IN{i:02d}" for i in range(per_side)) + ("M00", "M01", "M02")
+            + tuple(f"OUT{i:02d}" for i in range(per_side)) + ("OUT",))
+
+
+def fine_block_of_slot(slot: str) -> str | None:
+    """The fine block a kohya slot belongs to (SDXL's three middle slots are M00); None for EMB and OUT."""
+    if slot in ("EMB", "OUT"):
+        return None
+    return "M00" if slot.startswith("M0") else slot
 
 
 def get_architecture(value: ArchitectureLike | None) -> Architecture:
@@ -274,7 +264,7 @@ def block_map_markdown(arch: Architecture) -> str:
     presets = ", ".join(arch.lbw_presets)
     rows += ["", f"lora-block-weight vectors: {len(arch.lbw_short)} values (`{','.join(arch.lbw_short)}`) or "
              f"{len(arch.lbw_full)} (BASE and every fine block); presets: {presets}. kohya's `block_dims` has "
-             f"{len(arch.kohya_slots)} slots; its files name the U-Net's modules by "
+             f"{len(kohya_slots(arch))} slots; its files name the U-Net's modules by "
              f"{'the original (SGM) model' if arch.kohya_sgm_names else 'diffusers'} and its text encoders "
              f"{' and '.join(f'`{p}`' for p in arch.kohya_te_prefixes)}."]
     return "\n".join(rows) + "\n"

@@ -34,8 +34,8 @@ _UNET_PREFIX = re.compile(r"^(?:unet[._]|lora_unet_)")
 __all__ = ["BlockSpecError"]
 
 
-def _unknown(kind: str, name: object, valid: Iterable[str]) -> BlockSpecError:
-    return BlockSpecError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}")
+def _unknown(kind: str, name: object, valid: Iterable[str], layout: str = "") -> BlockSpecError:
+    return BlockSpecError(f"unknown {kind} {name!r}; valid{f' on {layout}' if layout else ''}: {', '.join(valid)}")
 
 
 def parse_blocks(spec: str | Iterable[str], arch: ArchitectureLike | None = None) -> tuple[str, ...]:
@@ -59,7 +59,7 @@ def parse_blocks(spec: str | Iterable[str], arch: ArchitectureLike | None = None
         elif term.upper() in blocks:
             selected.add(term.upper())
         else:
-            raise _unknown(f"{arch.label} block", term, list(blocks) + list(groups))
+            raise _unknown("block", term, list(blocks) + list(groups), arch.label)
     return tuple(b for b in blocks if b in selected)
 
 
@@ -150,7 +150,7 @@ def lbw_weights(vector: str | Sequence[float], arch: ArchitectureLike | None = N
             try:
                 values = [float(v) for v in key.split(",")]
             except ValueError:
-                raise _unknown(f"{arch.label} lora-block-weight preset", vector, presets) from None
+                raise _unknown("lora-block-weight preset", vector, presets, arch.label) from None
     else:
         values = [float(v) for v in vector]
     by_length = {len(arch.lbw_short): arch.lbw_short, len(arch.lbw_full): arch.lbw_full}

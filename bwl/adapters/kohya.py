@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bwl.adapters.architectures import Architecture, sgm_name
+from bwl.adapters.architectures import Architecture, fine_block_of_slot, kohya_slots, sgm_name
 from bwl.adapters.blocks import fine_block, format_blocks, paper_block
 from bwl.adapters.files import write_adapter_file
 from bwl.adapters.fitting import check_fits, lokr_options
@@ -42,7 +42,7 @@ from bwl.sd.pipeline import Pipeline, text_encoders
 
 def _block_list(values: dict[str, float], arch: Architecture, default: float = 0) -> str:
     """One value per kohya slot (SDXL's three middle slots take M00's, its EMB and OUT slots 0)."""
-    slots = [arch.fine_block_of_slot(slot) for slot in arch.kohya_slots]
+    slots = [fine_block_of_slot(slot) for slot in kohya_slots(arch)]
     return ",".join(f"{values.get(f, default) if f else 0:g}" for f in slots)
 
 

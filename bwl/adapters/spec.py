@@ -98,21 +98,11 @@ class AdapterSpec:
         if method.rank_is_block_size and (self.alpha is not None or self.conv_alpha is not None):
             raise BlockSpecError(f"method {self.method!r} has no alpha (its rank is the orthogonal block size); "
                                  "leave alpha and conv_alpha unset")
-        self.blocks = self._canonical_blocks()
+        self.blocks = _canonical_blocks(self.blocks, self.architecture)
         if self.conv_rank is not None and (not isinstance(self.conv_rank, int) or self.conv_rank <= 0):
             raise BlockSpecError(f"conv_rank must be a positive integer, got {self.conv_rank!r}")
         layouts = [self.arch] if self.architecture else [a for a in ARCHITECTURES.values() if _parses(self.blocks, a)]
         block_ranks(self.blocks, self.rank, self.block_ranks, layouts[0])  # ranks and overrides checked
-
-    def _canonical_blocks(self) -> str:
-        """``blocks`` as :func:`format_selection` writes it in the spec's layout. Without one, a selection only another
-        layout reads (SDXL's 20-value vector) is kept as given until :meth:`bind` reads it in the model's."""
-        try:
-            return format_selection(parse_selection(self.blocks, self.arch), self.arch)
-        except BlockSpecError:
-            if self.architecture is not None or not any(_parses(self.blocks, a) for a in ARCHITECTURES.values()):
-                raise
-            return self.blocks
 
     @property
     def arch(self) -> Architecture:
@@ -161,6 +151,18 @@ class AdapterSpec:
         if values["architecture"] is None:
             del values["architecture"]
         return values
+
+
+def _canonical_blocks(blocks: str, architecture: str | None) -> str:
+    """``blocks`` as :func:`format_selection` writes it in the spec's layout. Without one, a selection only another
+    layout reads (SDXL's 20-value vector) is kept as given until :meth:`AdapterSpec.bind` reads it in the model's."""
+    arch = get_architecture(architecture)
+    try:
+        return format_selection(parse_selection(blocks, arch), arch)
+    except BlockSpecError:
+        if architecture is not None or not any(_parses(blocks, a) for a in ARCHITECTURES.values()):
+            raise
+        return blocks
 
 
 def _parses(blocks: str, arch: Architecture) -> bool:

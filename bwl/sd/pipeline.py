@@ -4,6 +4,7 @@ chosen by the model's own ``model_index.json``."""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,13 +84,17 @@ def unet_config(model: str | Path) -> dict:
     """The U-Net's config of a pipeline (hub id or directory), without loading any weights."""
     local = Path(model).is_dir()
     try:
-        return dict(UNet2DConditionModel.load_config(str(model), subfolder="unet", local_files_only=local))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return dict(UNet2DConditionModel.load_config(str(model), subfolder="unet", local_files_only=local))
     except (OSError, ValueError) as error:
         raise ModelNotFound(f"model {str(model)!r}: no U-Net config found ({error})") from None
 
 
 def _pipeline_class(model: str | Path, local_files_only: bool) -> type:
-    name = DiffusionPipeline.load_config(str(model), local_files_only=local_files_only).get("_class_name")
+    with warnings.catch_warnings():  # the hub client's notice about an argument diffusers still passes
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        name = DiffusionPipeline.load_config(str(model), local_files_only=local_files_only).get("_class_name")
     if name not in PIPELINE_CLASSES:
         raise ModelNotFound(f"model {str(model)!r} is a {name}; bwl loads {' and '.join(PIPELINE_CLASSES)}")
     return PIPELINE_CLASSES[name]
