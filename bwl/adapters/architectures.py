@@ -274,5 +274,5 @@ def block_maps_markdown() -> str:
     """Every layout's block map (:func:`block_map_markdown`), one section each: what the book's toolkit page shows."""
     sections = []
     for arch in ARCHITECTURES.values():
-        sections.append(f"#### {arch.label} (`{arch.name}`, e.g. `{arch.paper_model}`)\n\n{block_map_markdown(arch)}")
+        sections.append(f"### {arch.label} (`{arch.name}`, e.g. `{arch.paper_model}`)\n\n{block_map_markdown(arch)}")
     return "\n".join(sections)
