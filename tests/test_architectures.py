@@ -335,3 +335,17 @@ def test_paper_xl_profile_is_the_paper_on_sdxl_and_the_study_path_runs_on_a_tiny
     style_upper = next((tmp_path / "runs").rglob("style_locon_upper*/adapter.safetensors"))
     assert read_metadata(style_upper)["bwl_architecture"] == "sdxl"
     assert inspect_adapter(style_upper).blocks == "upper" and inspect_adapter(style_upper).parameters["OUT2"] > 0
+
+
+def test_the_block_vocabulary_stays_torch_free():
+    import ast
+    from pathlib import Path
+
+    import bwl.adapters.architectures as architectures
+    import bwl.adapters.blocks as blocks
+
+    for module in (architectures, blocks):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"torch", "diffusers", "transformers", "peft", "numpy"}, (module.__name__, imported)
