@@ -1,6 +1,6 @@
-"""Command line: ``python -m bwl <command>``: run, train, inspect, analyze, export-kohya, import-kohya, sweep, methods,
-lengths, replicate, findings, eye-check, validate-reference, gates, assets, block-maps, pretrain, probes, toy-clip,
-demo.
+"""Command line: ``python -m bwl <command>``: run, train, inspect, analyze, zip, export-kohya, import-kohya, sweep,
+methods, lengths, replicate, findings, eye-check, validate-reference, gates, assets, block-maps, pretrain, probes,
+toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, a failed notebook, or an
 operating-system error such as a full disk, with its path) is one line on stderr, ``bwl: error: <message>``, and exit
@@ -49,6 +49,7 @@ from bwl.toy.encoder import train_toy_clip
 from bwl.toy.pretrain import PretrainConfig, pretrain
 from bwl.toy.records import assets_markdown
 from bwl.train import TrainConfig, TrainingDiverged, train
+from bwl.train.ziplora import ZipConfig, zip_loras
 
 NAMED_FAILURES = (ConfigError, BlockSpecError, AdapterFileError, DatasetError, TaggerError, StudyFailed,
                   TrainingDiverged, OSError)
@@ -132,6 +133,19 @@ def parser() -> argparse.ArgumentParser:
     analyze.add_argument("--clip-model", default=DEFAULT_CLIP)
     analyze.add_argument("--dino-model", default=DEFAULT_DINO)
 
+    zipped = commands.add_parser("zip", help="merge an identity and a style LoRA/LoCon with ZipLoRA into one file")
+    zipped.add_argument("identity")
+    zipped.add_argument("style")
+    zipped.add_argument("out")
+    zipped.add_argument("--model", required=True, help="the base model both were trained on (id or directory)")
+    zipped.add_argument("--identity-prompt", action="append", default=[], help="default: the file's trigger")
+    zipped.add_argument("--style-prompt", action="append", default=[], help="default: the file's trigger")
+    zipped.add_argument("--identity-images", help="the identity's training images (default: its own samples)")
+    zipped.add_argument("--style-images", help="the style's training images (default: its own samples)")
+    zipped.add_argument("--steps", type=int, default=ZipConfig.steps)
+    zipped.add_argument("--lr", type=float, default=ZipConfig.learning_rate)
+    zipped.add_argument("--lambda", dest="similarity_lambda", type=float, default=ZipConfig.similarity_lambda)
+
     export = commands.add_parser("export-kohya", help="convert a bwl adapter to kohya/A1111 format")
     export.add_argument("path")
     export.add_argument("out")
@@ -154,6 +168,11 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         print(inspect_adapter(args.path).table())
     elif args.command == "analyze":
         print(_analyze(args).read_text())
+    elif args.command == "zip":
+        config = ZipConfig(args.identity, args.style, args.out, args.identity_prompt, args.style_prompt,
+                           args.identity_images, args.style_images, args.steps, args.lr, args.similarity_lambda)
+        out, losses = zip_loras(load_pipeline(args.model), config)
+        print(f"{out} (loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps)" if losses else out)
     elif args.command == "export-kohya":
         print(export_kohya(args.path, args.out))
     elif args.command == "import-kohya":

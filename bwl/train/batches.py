@@ -29,9 +29,13 @@ class TrainData:
 
 
 def prepare_data(config: TrainConfig) -> TrainData:
-    """Scan instance (and regularisation) folders; reg images are repeated or cut to match the instance count."""
+    """Scan instance (and joint, and regularisation) folders; reg images are repeated or cut to match the instance
+    count. Joint training puts a second concept's folder, with its own trigger, in the same adapter."""
     fallback = ", ".join(w for w in (config.trigger, config.class_word) if w)
     instance, skipped = scan_dataset(config.instance_dir, config.repeats, fallback)
+    if config.joint_dir:
+        joint, joint_skipped = scan_dataset(config.joint_dir, config.repeats, config.joint_trigger or fallback)
+        instance, skipped = instance + joint, skipped + joint_skipped
     order = [i for i, ex in enumerate(instance) for _ in range(ex.repeats)]
     examples = list(instance)
     if config.reg_dir:

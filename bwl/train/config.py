@@ -22,7 +22,8 @@ RESULT_NEUTRAL_FIELDS = frozenset({"output_dir", "resume", "stop_after", "log_ev
 # Fields added after adapters were first keyed, with the value at which they train exactly what bwl trained before
 # they existed: they enter a run's key only when set otherwise, so existing adapters keep their keys. These
 # defaults must never change.
-KEYED_WHEN_SET = {"dora": False, "block_lr": None, "block_lr_zero_threshold": 0.0, "loraplus_lr_ratio": None}
+KEYED_WHEN_SET = {"dora": False, "block_lr": None, "block_lr_zero_threshold": 0.0, "loraplus_lr_ratio": None,
+                  "joint_dir": None, "joint_trigger": ""}
 
 
 @dataclass
@@ -33,6 +34,8 @@ class TrainConfig:
     model: str = PAPER_MODEL
     instance_dir: str = "data/identity"
     trigger: str = "sks"
+    joint_dir: str | None = None  # joint training: a second concept's images in the same adapter
+    joint_trigger: str = ""  # its trigger (the fallback caption of its uncaptioned images)
     class_word: str = ""
     repeats: int = 25
     reg_dir: str | None = None
