@@ -56,19 +56,19 @@ def full_size_sd1_pipeline(
 ) -> StableDiffusionPipeline:
     """SD 1.x's U-Net, VAE and CLIP ViT-L text encoder with random weights (speed does not depend on weights)."""
     with torch.device(device):
-        unet = full_size_sd1_unet()
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ))
+        unet, vae, text_encoder = full_size_sd1_unet(), _full_vae(512, 0.18215), _clip_text(768, 12, 12, 3072)
     pipe = assemble_pipeline(unet, vae, text_encoder)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
+
+
+def _full_vae(sample_size: int, scaling_factor: float) -> AutoencoderKL:
+    """SD's VAE architecture (the same for SD 1.x and SDXL), with random weights."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=sample_size, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512), scaling_factor=scaling_factor,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
 
 
 def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, projection: int | None = None):
@@ -84,12 +84,7 @@ def full_size_sdxl_pipeline(
 ) -> StableDiffusionXLPipeline:
     """SDXL base's U-Net, VAE, CLIP ViT-L and OpenCLIP ViT-bigG text encoders with random weights."""
     with torch.device(device):
-        unet = full_size_sdxl_unet()
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), scaling_factor=0.13025,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
+        unet, vae = full_size_sdxl_unet(), _full_vae(1024, 0.13025)
         first, second = _clip_text(768, 12, 12, 3072), _clip_text(1280, 32, 20, 5120, projection=1280)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=first, text_encoder_2=second,
                                      tokenizer=word_tokenizer(TINY_WORDS), tokenizer_2=word_tokenizer(TINY_WORDS),
