@@ -1,6 +1,6 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, analyze, zip, export-kohya, import-kohya, sweep,
-methods, lengths, replicate, findings, eye-check, validate-reference, gates, assets, block-maps, pretrain, probes,
-toy-clip, demo.
+methods, lengths, replicate, findings, eye-check, validate-reference, gates, assets, block-maps, mechanism, pretrain,
+probes, toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, a failed notebook, or an
 operating-system error such as a full disk, with its path) is one line on stderr, ``bwl: error: <message>``, and exit
@@ -36,6 +36,7 @@ from bwl.study.experiments.eyecheck import write_sample
 from bwl.study.experiments.gates import gates as measure_gates
 from bwl.study.experiments.gates import gates_markdown
 from bwl.study.experiments.lengths import run_lengths
+from bwl.study.experiments.mechanism import run_mechanism
 from bwl.study.experiments.methods import run_methods
 from bwl.study.experiments.replicate import run_replicate
 from bwl.study.experiments.validation import write_validation
@@ -107,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--profile", default="toy")
     commands.add_parser("assets", help="the shipped assets' records as one table (figures/assets.md)")
+    mechanism = commands.add_parser("mechanism", help="where each block represents and controls each toy attribute")
+    mechanism.add_argument("--profile", default="toy")
+    mechanism.add_argument("--examples", type=int, default=240, help="random characters for the read-out")
+    mechanism.add_argument("--pairs", type=int, default=24, help="prompt pairs per attribute for patching")
     commands.add_parser("block-maps", help="every U-Net layout's block map as tables (figures/block-maps.md)")
     toy_clip = commands.add_parser("toy-clip", help="retrain the toy CLIP (data/toy-clip) on the seen concepts")
     toy_clip.add_argument("--steps", type=int, default=600)
@@ -204,6 +209,8 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         profile = load_profile(args.profile)
         print(write_validation(Study(profile).cells, profile.figures / "reference-validation.md",
                                f"python -m bwl validate-reference --profile {args.profile}"))
+    elif args.command == "mechanism":
+        print(run_mechanism(load_profile(args.profile), args.examples, args.pairs).read_text())
     elif args.command == "block-maps":
         print(write_text(Path("figures") / "block-maps.md", block_maps_markdown()).read_text())
     elif args.command == "assets":
