@@ -97,14 +97,16 @@ def test_mechanism_writes_its_maps_and_tables(tmp_path, tiny_dir):
     from bwl.study.design.profile import load_profile
     from bwl.study.experiments.mechanism import RANGES, SEEN, run_mechanism
 
-    profile = load_profile("smoke", {"model": str(tiny_dir), "build_tiny": False, "figures_dir": str(tmp_path)})
-    table = run_mechanism(profile, examples=20, pairs=2).read_text()
+    profile = load_profile("smoke", {"model": str(tiny_dir), "build_tiny": False, "figures_dir": str(tmp_path),
+                                     "sample_steps": 3})
+    attributes = ("hat",)  # every attribute takes minutes on 2 cores; the code path is the same
+    table = run_mechanism(profile, examples=16, pairs=2, attributes=attributes).read_text()
     out = tmp_path / "mechanism"
     assert all((out / name).stat().st_size > 0 for name in ("decoding.png", "patching.png", "decoding.csv",
                                                              "patching.csv", "patching.md", "config.json"))
     rows = (out / "decoding.csv").read_text().splitlines()[1:]
-    assert len(rows) == len(SD1.paper_blocks) * len(RANGES) * len(SEEN)
+    assert len(rows) == len(SD1.paper_blocks) * len(RANGES) * len(attributes) and set(attributes) < set(SEEN)
     assert all(f"**{name} steps**" in table for name in RANGES)
     patched = (out / "patching.csv").read_text().splitlines()[1:]
-    assert len(patched) == len(SD1.paper_blocks) * (len(RANGES) + 1) * len(SEEN)
+    assert len(patched) == len(SD1.paper_blocks) * (len(RANGES) + 1) * len(attributes)
     assert all(0 <= int(r.split(",")[3]) <= 2 for r in patched)

@@ -60,6 +60,8 @@ class Patched:
 
 def step_ranges(steps: int) -> dict[str, list[int]]:
     """The denoising steps in each third (early: the first, where the layout forms)."""
+    if steps < len(RANGES):
+        raise ValueError(f"sample_steps={steps}: the step ranges need at least {len(RANGES)} steps")
     bounds = np.linspace(0, steps, 4).round().astype(int)
     return {name: list(range(bounds[i], bounds[i + 1])) for i, name in enumerate(RANGES)}
 
@@ -77,7 +79,8 @@ def _run(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], profile: 
                     height=profile.resolution, width=profile.resolution, generator=generators).images
 
 
-def decode(pipe: Pipeline, profile: Profile, count: int, seed: int = 0) -> dict[tuple[str, str, str], Readout]:
+def decode(pipe: Pipeline, profile: Profile, count: int, seed: int = 0,
+           attributes: Sequence[str] = tuple(SEEN)) -> dict[tuple[str, str, str], Readout]:
     """Per (block, step range, attribute): the cross-validated read-out of the attribute from the block's output."""
     blocks = unet_architecture(pipe.unet).prefixes
     drawn = characters(count, seed)
@@ -90,7 +93,7 @@ def decode(pipe: Pipeline, profile: Profile, count: int, seed: int = 0) -> dict[
     for block in blocks:
         for name, steps in ranges.items():
             features = torch.stack([found.pooled(block, s) for s in steps]).mean(0)
-            for attribute in SEEN:
+            for attribute in attributes:
                 results[(block, name, attribute)] = readout(features, [getattr(c, attribute) for c in drawn])
     return results
 
@@ -105,14 +108,15 @@ def pairs_for(attribute: str, count: int, seed: int) -> list[tuple[Character, Ch
     return found
 
 
-def patch(pipe: Pipeline, profile: Profile, count: int, seed: int = 0) -> tuple[list[Patched], dict]:
+def patch(pipe: Pipeline, profile: Profile, count: int, seed: int = 0,
+          attributes: Sequence[str] = tuple(SEEN)) -> tuple[list[Patched], dict]:
     """Per attribute, block and step range (or ``all``): how many patched images take the second prompt's value;
     and per attribute the floor (first prompt unpatched) and ceiling (second prompt's own image)."""
     blocks = unet_architecture(pipe.unet).prefixes
     probe = load_probe(PROBE_PATH)
     ranges = {"all": list(range(profile.sample_steps)), **step_ranges(profile.sample_steps)}
     results, bounds = [], {}
-    for a_index, attribute in enumerate(SEEN):
+    for a_index, attribute in enumerate(attributes):
         pairs = pairs_for(attribute, count, seed + a_index)
         seeds = list(range(seed, seed + count))
         first, second = [p[0].caption() for p in pairs], [p[1].caption() for p in pairs]
@@ -138,13 +142,15 @@ def decoding_table(results: dict[tuple[str, str, str], Readout]) -> tuple[str, s
     rows += [f"{b},{r},{a},{x.accuracy:.4f},{x.low:.4f},{x.high:.4f},{x.chance:.4f},{x.n}"
              for (b, r, a), x in results.items()]
     blocks = list(dict.fromkeys(b for b, _, _ in results))
+    attributes = list(dict.fromkeys(a for _, _, a in results))
     lines = []
     for name in RANGES:
         lines += [f"**{name} steps**: cross-validated accuracy [95 % interval] (chance in the header)", "",
-                  "| block | " + " | ".join(f"{a} ({results[(blocks[0], name, a)].chance:.2f})" for a in SEEN) + " |",
-                  "|---" * (len(SEEN) + 1) + "|"]
+                  "| block | " + " | ".join(f"{a} ({results[(blocks[0], name, a)].chance:.2f})" for a in attributes)
+                  + " |", "|---" * (len(attributes) + 1) + "|"]
         lines += [f"| {b} | " + " | ".join(f"{results[(b, name, a)].accuracy:.2f} [{results[(b, name, a)].low:.2f}, "
-                                          f"{results[(b, name, a)].high:.2f}]" for a in SEEN) + " |" for b in blocks]
+                                          f"{results[(b, name, a)].high:.2f}]" for a in attributes) + " |"
+                  for b in blocks]
         lines.append("")
     return "\n".join(rows) + "\n", "\n".join(lines)
 
@@ -158,57 +164,60 @@ def patching_table(results: list[Patched], bounds: dict) -> tuple[str, str]:
     by_key = {(p.block, p.steps, p.attribute): p for p in results}
     blocks = list(dict.fromkeys(p.block for p in results))
     header = " | ".join(f"{a} ({bounds[a]['floor'] / bounds[a]['n']:.2f}–{bounds[a]['ceiling'] / bounds[a]['n']:.2f})"
-                        for a in SEEN)
+                        for a in bounds)
     lines = []
     for name in ("all", *RANGES):
         lines += [f"**patched at {name} steps**: share taking the second prompt's value [95 % interval] "
-                  "(header: unpatched floor–ceiling)", "", f"| block | {header} |", "|---" * (len(SEEN) + 1) + "|"]
+                  "(header: unpatched floor–ceiling)", "", f"| block | {header} |", "|---" * (len(bounds) + 1) + "|"]
         for b in blocks:
-            cells = [by_key[(b, name, a)] for a in SEEN]
+            cells = [by_key[(b, name, a)] for a in bounds]
             lines.append(f"| {b} | " + " | ".join(f"{c.share:.2f} [{wilson(c.flipped, c.n)[0]:.2f}, "
                                                   f"{wilson(c.flipped, c.n)[1]:.2f}]" for c in cells) + " |")
         lines.append("")
     return "\n".join(rows) + "\n", "\n".join(lines)
 
 
-def heatmaps(values: dict[str, np.ndarray], blocks: Sequence[str], title: str, out: Path) -> Figure:
+def heatmaps(values: dict[str, np.ndarray], blocks: Sequence[str], attributes: Sequence[str], title: str,
+             out: Path) -> Figure:
     """One heatmap per step range: blocks down, attributes across, values in [0, 1] written in each cell."""
     fig = Figure(figsize=(3.3 * len(values), 3.6))
     axes = np.atleast_1d(fig.subplots(1, len(values)))
     for ax, (name, grid) in zip(axes, values.items()):
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         for (i, j), v in np.ndenumerate(grid):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
-        ax.set_xticks(range(len(SEEN)), list(SEEN), rotation=45, fontsize=7)
+        ax.set_xticks(range(len(attributes)), list(attributes), rotation=45, fontsize=7)
         ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
         ax.set_title(name, fontsize=9)
-    fig.colorbar(image, ax=list(axes), shrink=0.7)
     fig.suptitle(title, fontsize=9)
     return finish_figure(fig, out)
 
 
-def run_mechanism(profile: Profile, examples: int = 240, pairs: int = 24, out: Path | None = None) -> Path:
+def run_mechanism(profile: Profile, examples: int = 240, pairs: int = 24, out: Path | None = None,
+                  attributes: Sequence[str] = tuple(SEEN)) -> Path:
     """Decoding and patching on the profile's model; writes ``figures/mechanism/`` and returns its decoding table."""
     started = time.time()
     out = out or profile.figures / "mechanism"
     pipe = load_pipeline(profile.model)
     blocks = list(unet_architecture(pipe.unet).prefixes)
-    log(f"mechanism: decoding {len(SEEN)} attributes from {examples} images")
-    decoded = decode(pipe, profile, examples)
+    log(f"mechanism: decoding {len(attributes)} attributes from {examples} images")
+    decoded = decode(pipe, profile, examples, attributes=attributes)
     log(f"mechanism: decoding took {(time.time() - started) / 60:.1f} min; patching {pairs} pairs per attribute")
-    patched, bounds = patch(pipe, profile, pairs)
+    patched, bounds = patch(pipe, profile, pairs, attributes=attributes)
     csv, md = decoding_table(decoded)
     write_text(out / "decoding.csv", csv)
-    heatmaps({r: np.array([[decoded[(b, r, a)].accuracy for a in SEEN] for b in blocks]) for r in RANGES}, blocks,
-             "decoding: cross-validated accuracy of a linear read-out of each block's output", out / "decoding.png")
+    heatmaps({r: np.array([[decoded[(b, r, a)].accuracy for a in attributes] for b in blocks]) for r in RANGES},
+             blocks, attributes, "decoding: cross-validated accuracy of a linear read-out of each block's output",
+             out / "decoding.png")
     shares = {(p.block, p.steps, p.attribute): p.share for p in patched}
-    heatmaps({r: np.array([[shares[(b, r, a)] for a in SEEN] for b in blocks]) for r in ("all", *RANGES)}, blocks,
-             "patching: share of images that take the second prompt's value", out / "patching.png")
+    heatmaps({r: np.array([[shares[(b, r, a)] for a in attributes] for b in blocks]) for r in ("all", *RANGES)},
+             blocks, attributes, "patching: share of images that take the second prompt's value", out / "patching.png")
     patch_csv, patch_md = patching_table(patched, bounds)
     write_text(out / "patching.csv", patch_csv)
     write_text(out / "patching.md", patch_md)
     minutes = (time.time() - started) / 60
     write_json(out / "config.json", {"model": profile.model, "examples": examples, "pairs": pairs,
+                                     "attributes": list(attributes),
                                      "sample_steps": profile.sample_steps, "guidance_scale": profile.guidance_scale,
                                      "resolution": profile.resolution, "ranges": step_ranges(profile.sample_steps),
                                      "minutes": round(minutes, 1), "command": f"python -m bwl mechanism --profile "
