@@ -36,7 +36,7 @@ from bwl.study.experiments.eyecheck import write_sample
 from bwl.study.experiments.gates import gates as measure_gates
 from bwl.study.experiments.gates import gates_markdown
 from bwl.study.experiments.lengths import run_lengths
-from bwl.study.experiments.mechanism import run_mechanism
+from bwl.study.experiments.mechanism import run_mechanism_study
 from bwl.study.experiments.methods import run_methods
 from bwl.study.experiments.replicate import run_replicate
 from bwl.study.experiments.validation import write_validation
@@ -110,8 +110,9 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("assets", help="the shipped assets' records as one table (figures/assets.md)")
     mechanism = commands.add_parser("mechanism", help="where each block represents and controls each toy attribute")
     mechanism.add_argument("--profile", default="toy")
-    mechanism.add_argument("--examples", type=int, default=240, help="random characters for the read-out")
-    mechanism.add_argument("--pairs", type=int, default=24, help="prompt pairs per attribute for patching")
+    mechanism.add_argument("--parts", nargs="+", choices=["maps", "adapters"], default=["maps", "adapters"],
+                           help="maps: decoding and patching on the base model; adapters: update sizes and adapter "
+                                "patching over the profile's mechanism_adapters replicates")
     commands.add_parser("block-maps", help="every U-Net layout's block map as tables (figures/block-maps.md)")
     toy_clip = commands.add_parser("toy-clip", help="retrain the toy CLIP (data/toy-clip) on the seen concepts")
     toy_clip.add_argument("--steps", type=int, default=600)
@@ -210,7 +211,10 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         print(write_validation(Study(profile).cells, profile.figures / "reference-validation.md",
                                f"python -m bwl validate-reference --profile {args.profile}"))
     elif args.command == "mechanism":
-        print(run_mechanism(load_profile(args.profile), args.examples, args.pairs).read_text())
+        out = run_mechanism_study(load_profile(args.profile), args.parts)
+        for table in ("decoding.md", "patching.md", "adapter-sizes.md", "adapter-patching.md"):
+            if (out / table).exists():
+                print((out / table).read_text())
     elif args.command == "block-maps":
         print(write_text(Path("figures") / "block-maps.md", block_maps_markdown()).read_text())
     elif args.command == "assets":

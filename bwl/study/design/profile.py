@@ -73,6 +73,11 @@ class Profile:
     train_workers: int = 1  # adapters trained at once, in separate processes sharing the CPU threads (CPU only)
     methods: list[str] = field(default_factory=list)  # the methods study's methods (labels: locon, locon-dora, ...)
     methods_block: str = ""  # its single style block; "" takes the block sweep's best (figures/sweep.csv)
+    mechanism_examples: int = 240  # the mechanism maps' random characters for the decoding read-out
+    mechanism_pairs: int = 16  # their prompt pairs per attribute for activation patching
+    mechanism_attributes: list[str] = field(default_factory=list)  # toy attributes mapped; empty: all six
+    mechanism_adapters: str = ""  # the replicated profile whose adapters are measured; "": this profile
+    mechanism_seeds: list[int] = field(default_factory=lambda: [0, 1])  # sampling seeds for adapter patching
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -89,6 +94,9 @@ class Profile:
             ("figure_rows", self.figure_rows >= 1, "an integer >= 1"),
             ("reg_count", self.reg_count >= 0, ">= 0"),
             ("train_workers", self.train_workers >= 1, "an integer >= 1"),
+            ("mechanism_examples", self.mechanism_examples >= 10, "an integer >= 10 (the read-out's folds)"),
+            ("mechanism_pairs", self.mechanism_pairs >= 1, "an integer >= 1"),
+            ("mechanism_seeds", len(self.mechanism_seeds) >= 1, "a non-empty list of integers"),
         ])
 
     def path(self, value: str) -> Path:

@@ -18,6 +18,7 @@ any SD 1.x/SDXL pipeline; on a real model the read-out needs prompts labelled wi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,10 +30,14 @@ from matplotlib.figure import Figure
 
 from bwl.adapters.spec import unet_architecture
 from bwl.core.atomic import finish_figure, write_json, write_text
+from bwl.core.config import ConfigError
+from bwl.core.hashing import file_hash
 from bwl.sd.activations import patching, recording
 from bwl.sd.pipeline import Pipeline, load_pipeline
-from bwl.study.design.profile import Profile
+from bwl.study.design.profile import Profile, load_profile
+from bwl.study.experiments.adapter_blocks import run_adapter_blocks
 from bwl.study.running.console import log
+from bwl.study.running.study import Study
 from bwl.study.scoring.readout import Readout, readout, wilson
 from bwl.toy.assets import PROBE_PATH
 from bwl.toy.probes import load_probe
@@ -125,6 +130,7 @@ def patch(pipe: Pipeline, profile: Profile, count: int, seed: int = 0,
         def takes(images: list, attribute: str = attribute, wanted: list[str] = wanted) -> int:
             return sum(r[attribute] == w for r, w in zip(probe.read(images), wanted))
 
+        log(f"mechanism: patching {attribute} ({a_index + 1}/{len(attributes)})")
         with recording(pipe.unet, blocks, profile.sample_steps) as target:
             ceiling = takes(_run(pipe, second, seeds, profile))
         bounds[attribute] = {"floor": takes(_run(pipe, first, seeds, profile)), "ceiling": ceiling, "n": count}
@@ -193,12 +199,30 @@ def heatmaps(values: dict[str, np.ndarray], blocks: Sequence[str], attributes: S
     return finish_figure(fig, out)
 
 
-def run_mechanism(profile: Profile, examples: int = 240, pairs: int = 24, out: Path | None = None,
-                  attributes: Sequence[str] = tuple(SEEN)) -> Path:
-    """Decoding and patching on the profile's model; writes ``figures/mechanism/`` and returns its decoding table."""
+def attributes_of(profile: Profile) -> tuple[str, ...]:
+    """The profile's ``mechanism_attributes`` (all six when empty), checked by name."""
+    unknown = [a for a in profile.mechanism_attributes if a not in SEEN]
+    if unknown:
+        raise ConfigError(f"profile {profile.name}: mechanism_attributes: unknown {unknown}; valid: {', '.join(SEEN)}")
+    return tuple(profile.mechanism_attributes) or tuple(SEEN)
+
+
+def run_mechanism(profile: Profile, out: Path | None = None) -> Path:
+    """Decoding and patching on the profile's model (``mechanism_examples`` characters, ``mechanism_pairs`` pairs per
+    attribute); writes ``figures/mechanism/`` and returns its decoding table. Reused when ``config.json`` records
+    the same settings and model."""
     started = time.time()
     out = out or profile.figures / "mechanism"
-    pipe = load_pipeline(profile.model)
+    examples, pairs, attributes = profile.mechanism_examples, profile.mechanism_pairs, attributes_of(profile)
+    study = Study(profile)
+    settings = {"model": study.model_fingerprint, "examples": examples, "pairs": pairs, "attributes": list(attributes),
+                "sample_steps": profile.sample_steps, "guidance_scale": profile.guidance_scale,
+                "resolution": profile.resolution, "probe": file_hash(PROBE_PATH)}
+    config = out / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("settings") == settings:
+        log(f"mechanism: maps reused ({config})")
+        return out / "decoding.md"
+    pipe = load_pipeline(study.model)
     blocks = list(unet_architecture(pipe.unet).prefixes)
     log(f"mechanism: decoding {len(attributes)} attributes from {examples} images")
     decoded = decode(pipe, profile, examples, attributes=attributes)
@@ -215,12 +239,26 @@ def run_mechanism(profile: Profile, examples: int = 240, pairs: int = 24, out: P
     patch_csv, patch_md = patching_table(patched, bounds)
     write_text(out / "patching.csv", patch_csv)
     write_text(out / "patching.md", patch_md)
+    write_text(out / "decoding.md", md)
     minutes = (time.time() - started) / 60
-    write_json(out / "config.json", {"model": profile.model, "examples": examples, "pairs": pairs,
-                                     "attributes": list(attributes),
-                                     "sample_steps": profile.sample_steps, "guidance_scale": profile.guidance_scale,
-                                     "resolution": profile.resolution, "ranges": step_ranges(profile.sample_steps),
-                                     "minutes": round(minutes, 1), "command": f"python -m bwl mechanism --profile "
-                                     f"{profile.name} --examples {examples} --pairs {pairs}"})
-    log(f"mechanism: {minutes:.1f} min; {out}")
-    return write_text(out / "decoding.md", md)
+    write_json(config, {"settings": settings, "model_path": profile.model, "ranges": step_ranges(profile.sample_steps),
+                        "minutes": round(minutes, 1), "command": f"python -m bwl mechanism --profile {profile.name}"})
+    log(f"mechanism: maps in {minutes:.1f} min; {out}")
+    return out / "decoding.md"
+
+
+def run_mechanism_study(profile: Profile, parts: Sequence[str] = ("maps", "adapters")) -> Path:
+    """``python -m bwl mechanism``: the maps on ``profile``'s model, then the adapters of its ``mechanism_adapters``
+    profile (itself when empty; overrides such as ``runs_dir`` carry over), both into ``figures/mechanism/``."""
+    out = profile.figures / "mechanism"
+    source = profile
+    if profile.mechanism_adapters and profile.mechanism_adapters != profile.name:
+        source = load_profile(profile.mechanism_adapters, {"figures_dir": profile.figures_dir,
+                                                           "runs_dir": profile.runs_dir} if profile.runs_dir else None)
+    if "maps" in parts:
+        if profile.build_tiny:
+            Study(profile).prepare_data()
+        run_mechanism(profile, out)
+    if "adapters" in parts:
+        run_adapter_blocks(source, out, profile.mechanism_seeds)
+    return out
