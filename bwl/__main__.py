@@ -1,6 +1,6 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, analyze, zip, export-kohya, import-kohya, sweep,
-methods, lengths, replicate, findings, eye-check, validate-reference, gates, assets, block-maps, mechanism, pretrain,
-probes, toy-clip, demo.
+methods, lengths, replicate, combine, findings, eye-check, validate-reference, gates, assets, block-maps, mechanism,
+pretrain, probes, toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, a failed notebook, or an
 operating-system error such as a full disk, with its path) is one line on stderr, ``bwl: error: <message>``, and exit
@@ -31,6 +31,7 @@ from bwl.sd.pipeline import load_pipeline
 from bwl.study.design.profile import load_profile
 from bwl.study.design.vocabulary import Concept
 from bwl.study.experiments.analyzer import analyze_file, reference_scorer
+from bwl.study.experiments.combine import run_combine
 from bwl.study.experiments.eyecheck import evaluate as evaluate_eye_check
 from bwl.study.experiments.eyecheck import write_sample
 from bwl.study.experiments.gates import gates as measure_gates
@@ -91,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
         ("methods", "methods study: LoRA, LoCon, LoHa, LoKr, DoRA, OFT, each block-wise, C1-C3 per method"),
         ("lengths", "training-length study: full and upper-trained style at several lengths and seeds"),
         ("replicate", "replicated study: all four grids per identity-style pair and training seed, pooled"),
+        ("combine", "combination study: block-wise LoRA against ZipLoRA, K-LoRA, joint training, LoRA "
+                    "Switch/Composite and the tuned merge, replicated"),
     ):
         study_command = commands.add_parser(name, help=text)
         study_command.add_argument("--profile", default=name)
@@ -200,6 +203,8 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         print(run_lengths(load_profile(args.profile, _overrides(cli, args.overrides))))
     elif args.command == "replicate":
         print(run_replicate(load_profile(args.profile, _overrides(cli, args.overrides))))
+    elif args.command == "combine":
+        print(run_combine(load_profile(args.profile, _overrides(cli, args.overrides))).read_text())
     elif args.command == "eye-check":
         out = Path(args.out)
         if args.sample:

@@ -157,3 +157,48 @@ def test_joint_training_puts_both_concepts_in_one_adapter_and_resumes_exactly(tm
     resumed = train(config(tmp_path, tiny_dir, output_dir=str(tmp_path / "b"), resume=True, **common))
     a, b = read_tensors(straight), read_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_combination_notebook_runs_every_method_on_the_smoke_profile_and_writes_its_answer(tmp_path):
+    import csv
+    import json
+
+    import papermill
+
+    from bwl.study.design.profile import ROOT, load_profile
+    from bwl.study.design.vocabulary import Concept, joint, zipped
+    from bwl.study.experiments.combine import REFERENCE, combine_grid, methods, run_combine
+    from bwl.study.running.study import Study
+
+    overrides = {"runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figures"), "metrics": "probe",
+                 "seeds": [0], "combine_block": "OUT2", "combine_weights": [[1.0, 0.5]], "combine_zip_steps": 3}
+    nb = papermill.execute_notebook(str(ROOT / "notebooks" / "07_combination.ipynb"), str(tmp_path / "07.ipynb"),
+                                    parameters={"profile": "smoke", "overrides": overrides, "interactive": False},
+                                    kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    shown = [o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert sum("image/png" in d for d in shown) == 2 and any("vs block-wise LoRA" in d.get("text/markdown", "")
+                                                              for d in shown)
+    profile = load_profile("smoke", overrides)
+    out = tmp_path / "figures" / "combine"
+    board = (out / "leaderboard.md").read_text()
+    labels = [m.label for m in methods(profile)]
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert [r["method"] for r in rows] == labels and rows[0]["method"] == REFERENCE
+    assert {r["method"]: r["one_file"] for r in rows}["K-LoRA"] == "no"
+    assert {r["method"]: r["optimization_steps"] for r in rows}["ZipLoRA"] == "3"
+    assert all(float(r["time_vs_plain_merge"]) > 0 for r in rows)  # every cell was generated here, and timed
+    assert {r["cell"] for r in csv.DictReader((out / "comparisons.csv").open())} == set(labels) - {REFERENCE}
+    assert all((out / name).stat().st_size > 10_000 for name in ("pareto.png", "forest.png"))
+    assert "| method | identity | style |" in board and json.loads((out / "config.json").read_text())["modes"] == {
+        "K-LoRA": "k-lora", "LoRA Switch": "switch", "LoRA Composite": "composite"}
+
+    study = Study(profile)  # joint and merged adapters: keyed like any other, recorded in their files
+    files = study.adapter_files([joint("lora"), zipped("lora"), zipped("locon")])
+    assert all(f.exists() for f in files.values())
+    assert json.loads(read_metadata(files[zipped("locon")])["bwl_zip"])["steps"] == 3
+    config = json.loads((files[joint("lora")].parent / "config.json").read_text())["train"]
+    assert config["joint_dir"].endswith("style") and config["joint_trigger"] == "qrv"
+    assert joint("lora").concept is Concept.BOTH and len(combine_grid(profile).columns()) == len(labels) + 3
+    before = {f: f.stat().st_mtime_ns for f in (out / "leaderboard.csv", *files.values())}
+    run_combine(profile)  # a rerun trains, merges and renders nothing
+    assert all(f.stat().st_mtime_ns == t for f, t in before.items() if f.suffix == ".safetensors")

@@ -158,3 +158,18 @@ class LoRAComposite:
         finally:
             del unet.forward
             set_block_weights(self.pipe, dict.fromkeys(names, 1.0))
+
+
+MODES = ("k-lora", "switch", "composite")
+"""The inference modes by name, as study cells and the command line give them."""
+
+
+def combination_mode(pipe: Pipeline, mode: str, identity: str, style: str) -> KLoRA | LoRASwitch | LoRAComposite:
+    """The controller of ``mode`` for an identity and a style adapter loaded in ``pipe`` (reference defaults)."""
+    if mode == "k-lora":
+        return KLoRA(pipe, identity, style)
+    if mode == "switch":
+        return LoRASwitch(pipe, [identity, style])
+    if mode == "composite":
+        return LoRAComposite(pipe, [identity, style])
+    raise ValueError(f"unknown combination mode {mode!r}; valid: {', '.join(MODES)}")

@@ -73,6 +73,10 @@ class Profile:
     train_workers: int = 1  # adapters trained at once, in separate processes sharing the CPU threads (CPU only)
     methods: list[str] = field(default_factory=list)  # the methods study's methods (labels: locon, locon-dora, ...)
     methods_block: str = ""  # its single style block; "" takes the block sweep's best (figures/sweep.csv)
+    combine_block: str = ""  # the combination study's best-block style; "" takes the block sweep's best
+    combine_weights: list[list[float]] = field(default_factory=lambda: [
+        [1.0, 0.25], [1.0, 0.5], [1.0, 0.75], [0.75, 1.0], [0.5, 1.0]])  # its tuned merge: (identity, style) weights
+    combine_zip_steps: int = 100  # ZipLoRA's merger steps (its paper's 100)
     mechanism_examples: int = 240  # the mechanism maps' random characters for the decoding read-out
     mechanism_pairs: int = 16  # their prompt pairs per attribute for activation patching
     mechanism_attributes: list[str] = field(default_factory=list)  # toy attributes mapped; empty: all six
@@ -94,6 +98,9 @@ class Profile:
             ("figure_rows", self.figure_rows >= 1, "an integer >= 1"),
             ("reg_count", self.reg_count >= 0, ">= 0"),
             ("train_workers", self.train_workers >= 1, "an integer >= 1"),
+            ("combine_weights", all(len(w) == 2 and min(w) >= 0 for w in self.combine_weights),
+             "a list of [identity, style] weight pairs >= 0"),
+            ("combine_zip_steps", self.combine_zip_steps >= 1, "an integer >= 1"),
             ("mechanism_examples", self.mechanism_examples >= 10, "an integer >= 10 (the read-out's folds)"),
             ("mechanism_pairs", self.mechanism_pairs >= 1, "an integer >= 1"),
             ("mechanism_seeds", len(self.mechanism_seeds) >= 1, "a non-empty list of integers"),
@@ -149,8 +156,9 @@ def _check(profile: Profile, source: str) -> None:
             raise ConfigError(f"{source}: pairs: {err}") from None
     if profile.pairs and profile.concepts != "toy":
         raise ConfigError(f"{source}: pairs are toy-world concepts; concepts={profile.concepts!r}")
-    if profile.methods_block and profile.methods_block not in PAPER_BLOCKS:
-        raise ConfigError(f"{source}: methods_block={profile.methods_block!r} is not one of {', '.join(PAPER_BLOCKS)}")
+    for key in ("methods_block", "combine_block"):
+        if getattr(profile, key) and getattr(profile, key) not in PAPER_BLOCKS:
+            raise ConfigError(f"{source}: {key}={getattr(profile, key)!r} is not one of {', '.join(PAPER_BLOCKS)}")
     unknown = [g for g in profile.grids if g not in GRIDS]
     if unknown:
         raise ConfigError(f"{source}: unknown grid(s) {unknown}; valid: {', '.join(GRIDS)}")

@@ -17,19 +17,28 @@ from bwl.study.design.profile import Profile
 from bwl.study.design.vocabulary import AdapterKey, Concept
 from bwl.train.config import TrainConfig
 
-PATH_FIELDS = ("model", "instance_dir", "reg_dir")  # keyed by their content, not their location
+PATH_FIELDS = ("model", "instance_dir", "reg_dir", "joint_dir")  # keyed by their content, not their location
 
 
-def train_config(profile: Profile, key: AdapterKey, instance_dir: Path, reg_dir: Path | None) -> TrainConfig:
+def train_config(profile: Profile, key: AdapterKey, instance_dir: Path, reg_dir: Path | None,
+                 joint_dir: Path | None = None) -> TrainConfig:
     """The resolved ``TrainConfig`` of one adapter: ``TrainConfig`` defaults, then the profile's ``train:`` entry, then
-    what the adapter key owns (method, blocks, seed, data, trigger). ``output_dir`` is set by :func:`keyed`."""
-    is_identity = key.concept is Concept.IDENTITY
+    what the adapter key owns (method, blocks, seed, data, trigger). ``output_dir`` is set by :func:`keyed`. A joint
+    adapter (concept ``both``) trains on the identity's images (``instance_dir``, with its regularization images) and
+    the style's (``joint_dir``), each with its own trigger."""
+    if key.merge:
+        raise ValueError(f"{key} is made by merging {key.sources[0]} and {key.sources[1]}, not by training")
+    has_identity = key.concept in (Concept.IDENTITY, Concept.BOTH)
+    if (key.concept is Concept.BOTH) != (joint_dir is not None):
+        raise ValueError(f"{key}: joint_dir is for joint adapters (concept both) and they need one")
     values = {"checkpoint_every": 0, **profile.train}
     values.update(model=str(profile.model_location), instance_dir=str(instance_dir), resolution=profile.resolution,
                   method=key.method, dora=key.dora, blocks=key.blocks, seed=key.seed,
-                  trigger=profile.trigger(key.concept.value),
-                  class_word=profile.class_word if is_identity else "",
-                  reg_dir=str(reg_dir) if reg_dir is not None and is_identity else None)
+                  trigger=profile.trigger("style" if key.concept is Concept.STYLE else "identity"),
+                  class_word=profile.class_word if has_identity else "",
+                  reg_dir=str(reg_dir) if reg_dir is not None and has_identity else None)
+    if joint_dir is not None:
+        values.update(joint_dir=str(joint_dir), joint_trigger=profile.trigger("style"))
     return TrainConfig(**values)
 
 

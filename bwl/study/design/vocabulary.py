@@ -12,17 +12,20 @@ from enum import Enum
 
 from bwl.adapters.blocks import format_blocks, parse_blocks
 from bwl.adapters.methods import get_method, method_label, parse_method_label
+from bwl.adapters.modes import MODES as COMBINATION_MODES
 
 
 class Concept(str, Enum):
-    """What an adapter learns: the identity (a subject) or the style."""
+    """What an adapter learns: the identity (a subject), the style, or both in one adapter (joint training on both
+    concepts' images with both triggers, or a ZipLoRA merge of an identity and a style)."""
 
     IDENTITY = "identity"
     STYLE = "style"
+    BOTH = "both"
 
     @property
     def short(self) -> str:
-        return "id" if self is Concept.IDENTITY else "style"
+        return {"identity": "id", "style": "style", "both": "joint"}[self.value]
 
 
 class Metric(str, Enum):
@@ -73,11 +76,24 @@ class AdapterKey:
     seed: int = 0  # training seed
     concept_id: str = ""  # which identity or style, where a profile has several ("" = its one)
     dora: bool = False  # DoRA on a lora/locon method
+    merge: str = ""  # "" trained; "zip": the ZipLoRA merge of this method's identity and style (concept both)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "concept", Concept(self.concept))
         get_method(self.method, self.dora)
         object.__setattr__(self, "blocks", format_blocks(parse_blocks(self.blocks)))
+        if self.merge not in MERGES:
+            raise ValueError(f"unknown merge {self.merge!r}; valid: {', '.join(MERGES)}")
+        if self.merge and self.concept is not Concept.BOTH:
+            raise ValueError(f"a {self.merge} merge holds both concepts; concept={self.concept.value!r}")
+
+    @property
+    def sources(self) -> tuple[AdapterKey, AdapterKey]:
+        """A merge's inputs: the identity and the style adapter it is made from."""
+        if not self.merge:
+            raise ValueError(f"{self} is trained, not merged")
+        return (AdapterKey(Concept.IDENTITY, self.method, self.blocks, self.seed, dora=self.dora),
+                AdapterKey(Concept.STYLE, self.method, self.blocks, self.seed, dora=self.dora))
 
     @property
     def label(self) -> str:
@@ -86,7 +102,7 @@ class AdapterKey:
 
     def __str__(self) -> str:
         """A readable name for logs and folders, e.g. ``id_locon_all`` or ``style_lora_upper_s1``."""
-        parts = [self.concept.short, self.label, self.blocks]
+        parts = [self.merge or self.concept.short, self.label, self.blocks]
         parts += [self.concept_id] if self.concept_id else []
         parts += [f"s{self.seed}"] if self.seed else []
         return "_".join(parts)
@@ -104,6 +120,23 @@ def style(method: str, blocks: str = "all") -> AdapterKey:
     return AdapterKey(Concept.STYLE, name, blocks, dora=dora)
 
 
+def joint(method: str, blocks: str = "all") -> AdapterKey:
+    """One adapter of a method trained on both concepts' images, each captioned with its own trigger."""
+    name, dora = parse_method_label(method)
+    return AdapterKey(Concept.BOTH, name, blocks, dora=dora)
+
+
+def zipped(method: str, blocks: str = "all") -> AdapterKey:
+    """The ZipLoRA merge of a method's identity and style adapters (:mod:`bwl.train.ziplora`)."""
+    name, dora = parse_method_label(method)
+    return AdapterKey(Concept.BOTH, name, blocks, dora=dora, merge="zip")
+
+
+MERGES = ("", "zip")
+MODES = ("", *COMBINATION_MODES)
+"""A cell's inference mode: "" the plain merge at its weights; the others combine its two adapters step by step
+(:mod:`bwl.adapters.modes`) and cannot be one file."""
+
 Weight = float | str  # a scale for the whole adapter, or a block spec / LBW vector (block-wise inference)
 
 
@@ -113,6 +146,13 @@ class Cell:
 
     label: str
     adapters: tuple[tuple[AdapterKey, Weight], ...] = field(default=())
+    mode: str = ""  # one of MODES
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"cell {self.label!r}: unknown mode {self.mode!r}; valid: {', '.join(MODES[1:])}")
+        if self.mode and len(self.adapters) != 2:
+            raise ValueError(f"cell {self.label!r}: mode {self.mode} combines two adapters, got {len(self.adapters)}")
 
     @property
     def weights(self) -> dict[AdapterKey, Weight]:
@@ -123,8 +163,8 @@ class Cell:
         return {str(key): weight for key, weight in self.adapters}
 
 
-def cell(label: str, *adapters: tuple[AdapterKey, Weight]) -> Cell:
-    return Cell(label, tuple(adapters))
+def cell(label: str, *adapters: tuple[AdapterKey, Weight], mode: str = "") -> Cell:
+    return Cell(label, tuple(adapters), mode)
 
 
 # The cells' labels, as figures and tables show them.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from bwl import __version__
 from bwl.adapters.compose import load_adapters, set_block_weights
+from bwl.adapters.modes import combination_mode
 from bwl.core.atomic import atomic_path, write_json
 from bwl.core.hashing import config_hash
 from bwl.core.locks import claim
@@ -46,6 +48,10 @@ class CellStore:
     def images(self, key: str) -> list[Image.Image]:
         with np.load(self.folder(key) / "images.npz") as data:
             return [Image.fromarray(a) for a in data["images"]]
+
+    def description(self, key: str) -> dict:
+        """The cell's ``cell.json``: what made it (and, for cells generated since it was recorded, ``seconds``)."""
+        return json.loads((self.folder(key) / "cell.json").read_text())
 
     def scores(self, key: str) -> list[Scores]:
         return json.loads((self.folder(key) / "scores.json").read_text())
@@ -81,9 +87,22 @@ def cell_key(profile: Profile, cell: Cell, prompts: Sequence[str], seeds: Sequen
     }
     if scope:
         values["scope"] = scope
+    if cell.mode:
+        values["mode"] = cell.mode
     if device_type != "cpu":  # a GPU's images differ from the CPU's in their last bits
         values["device"] = device_type
     return config_hash(values)
+
+
+def cell_images(pipe: StableDiffusionPipeline, profile: Profile, cell: Cell, prompts: Sequence[str],
+                seeds: Sequence[int]) -> list[Image.Image]:
+    """A cell's images, its adapters loaded: at the cell's weights, or combined step by step by its mode."""
+    p = profile
+    set_block_weights(pipe, cell.named_weights())
+    if not cell.mode:
+        return generate(pipe, prompts, seeds, p.sample_steps, p.guidance_scale, p.batch_size, p.resolution)
+    with combination_mode(pipe, cell.mode, *cell.named_weights()).applied(p.sample_steps) as extra:
+        return generate(pipe, prompts, seeds, p.sample_steps, p.guidance_scale, p.batch_size, p.resolution, extra)
 
 
 class CellRenderer:
@@ -144,13 +163,15 @@ class CellRenderer:
     def _generate(self, key: str, cell: Cell, prompts: Sequence[str], seeds: Sequence[int]) -> None:
         p = self.profile
         load_adapters(self.pipe, {str(k): self.files[k] for k in cell.weights})
-        set_block_weights(self.pipe, cell.named_weights())
-        images = generate(self.pipe, prompts, seeds, p.sample_steps, p.guidance_scale, p.batch_size, p.resolution)
+        started = time.perf_counter()
+        images = cell_images(self.pipe, p, cell, prompts, seeds)
+        seconds = time.perf_counter() - started
         transient = [str(k) for k in cell.weights if k not in self.resident]
         if transient:
             self.pipe.delete_adapters(transient)
         scores = self._score(self.scorer, cell, images, prompts, seeds)
         description = {"cell": cell.label, "adapters": {k: str(w) for k, w in cell.named_weights().items()},
+                       "mode": cell.mode, "seconds": round(seconds, 2),
                        "prompts": list(prompts), "seeds": list(seeds), "steps": p.sample_steps,
                        "cfg": p.guidance_scale, "size": p.resolution,
                        "scored_with": dict(self.scorer.versions) if self.scorer is not None else {}}

@@ -128,10 +128,11 @@ def replicate_sign(values: Sequence[float]) -> int:
     return sign(estimate.mean - estimate.ci, estimate.mean + estimate.ci) if estimate.n > 1 else 0
 
 
-def effects(cells: Sequence[ReplicateCells], reading: Reading, resamples: int = 2000) -> list[Effect]:
-    """Every row's effects under one reading (roles the reading has no scores for left out), Holm-adjusted."""
+def effects(cells: Sequence[ReplicateCells], reading: Reading, resamples: int = 2000,
+            rows: Sequence[Row] = ROWS) -> list[Effect]:
+    """Every row's effects under one reading (roles the reading has no scores for left out), Holm-adjusted together."""
     found = []
-    for row in ROWS:
+    for row in rows:
         for role in ROLES:
             table = differences(cells, row, reading.keys[role])
             if not table:
@@ -178,10 +179,11 @@ class Decided:
         return "robust" if len(toy) == 1 else "instrument-dependent" if toy else ""
 
 
-def decide(cells: Sequence[ReplicateCells], resamples: int = 2000) -> Decided:
+def decide(cells: Sequence[ReplicateCells], resamples: int = 2000, rows: Sequence[Row] = ROWS) -> Decided:
+    """Every row's effects under every reading (the paper's rows, or ``rows``)."""
     found, names, toy = {}, [], []
     for reading in readings():
-        got = effects(cells, reading, resamples)
+        got = effects(cells, reading, resamples, rows)
         if got:
             names.append(reading.name)
             toy += [reading.name] if reading.toy else []
@@ -258,9 +260,10 @@ def _effect(effect: Effect | None) -> str:
     return f"{effect.pooled} (p {effect.p_holm:.3f})" if effect is not None else "–"
 
 
-def forest_figure(decided: Decided, group: str, reading: str = "probes", out: Path | None = None) -> Figure:
-    """One claim's rows: per role, each pair's effect and CI (points) and the pooled one (a diamond)."""
-    rows = [r for r in ROWS if r.group == group]
+def forest_figure(decided: Decided, group: str, reading: str = "probes", out: Path | None = None,
+                  rows: Sequence[Row] = ROWS) -> Figure:
+    """One group's rows: per role, each pair's effect and CI (points) and the pooled one (a diamond)."""
+    rows = [r for r in rows if r.group == group]
     roles = [m for m in ROLES if any((r, reading, m) in decided.effects for r in rows)]
     pairs = list(dict.fromkeys(p for r in rows for m in roles if (r, reading, m) in decided.effects
                                for p in decided.effects[(r, reading, m)].per_pair))
