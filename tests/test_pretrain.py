@@ -60,3 +60,32 @@ def test_raising_the_step_count_extends_the_record(tmp_path):
     record = json.loads((tmp_path / "run" / "model" / "pretrain.json").read_text())
     assert [(s["config"]["unet_steps"], s["resumed_unet_at"]) for s in record["sessions"]] == [(2, 0), (3, 2)]
     assert record["minutes"] == pytest.approx(sum(s["minutes"]["total"] for s in record["sessions"]), abs=0.11)
+
+
+def test_the_sdxl_shaped_toy_pretrains_reusing_the_sd_toys_vae_and_loads_as_sdxl_base_does(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from bwl.adapters.architectures import SDXL
+    from bwl.adapters.spec import unet_architecture
+
+    sd = tiny_config(tmp_path, "sd", unet_steps=1)
+    pretrain(sd)
+    config = PretrainConfig(architecture="sdxl", vae_from=sd.model_dir, work_dir=str(tmp_path / "xl" / "work"),
+                            model_dir=str(tmp_path / "xl" / "model"), unet_steps=2, unet_batch=4, dataset_size=8,
+                            checkpoint_every=1, log_every=1)
+    assert PretrainConfig(architecture="sdxl").model_dir == "data/toy-sdxl"  # never the SD toy's folder by default
+    pipe = StableDiffusionXLPipeline.from_pretrained(pretrain(config), torch_dtype=torch.float32)
+    assert unet_architecture(pipe.unet) is SDXL and pipe.unet.config.sample_size == 16
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size + \
+        pipe.text_encoder_2.config.hidden_size
+    same = load_file(next((Path(sd.model_dir) / "vae").glob("*.safetensors")))
+    assert all(torch.equal(v, load_file(next((Path(config.model_dir) / "vae").glob("*.safetensors")))[k])
+               for k, v in same.items())
+    image = pipe("circle, red, tophat", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+    record = json.loads((Path(config.model_dir) / "pretrain.json").read_text())
+    assert record["command"] == "python -m bwl pretrain --architecture sdxl"
+    assert record["sessions"][0]["config"]["vae_from"] == sd.model_dir
+    with pytest.raises(FileNotFoundError, match="vae_from='nowhere'"):
+        pretrain(PretrainConfig(architecture="sdxl", vae_from="nowhere", work_dir=str(tmp_path / "w"),
+                                model_dir=str(tmp_path / "m")))

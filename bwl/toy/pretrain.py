@@ -4,6 +4,13 @@ Stage 1 trains a factor-2 ``AutoencoderKL`` on every concept, held-out ones incl
 Stage 2 trains an SD1.x-shaped ``UNet2DConditionModel`` and a small ``CLIPTextModel`` jointly on the pretraining
 sampler, which never draws the held-out identity or style. The result is saved with ``save_pretrained`` (fp16
 safetensors) to ``data/toy-sd`` and loads through the same ``from_pretrained`` path as SD 1.4.
+
+``--architecture sdxl`` makes the SDXL-shaped micro model instead (``data/toy-sdxl``): SDXL's layout scaled down
+(three levels, no attention in the first, deeper transformer stacks below), two text encoders whose penultimate
+hidden states are concatenated, the second's pooled embedding and the size ids (``add_time_ids``), conditioned
+exactly as ``StableDiffusionXLPipeline`` conditions it (:class:`bwl.train.conditioning.TextCache`). It reuses the SD
+toy's VAE (``vae_from``), so both models share one latent space, and it loads with
+``StableDiffusionXLPipeline.from_pretrained`` as SDXL base does.
 """
 
 from __future__ import annotations
@@ -17,17 +24,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.optimization import get_scheduler
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bwl.core.atomic import write_json
 from bwl.core.config import coerce_fields, require
-from bwl.sd.tiny import SD1_SCHEDULE, sd1_unet
+from bwl.sd.tiny import SD1_SCHEDULE, SDXL_SCHEDULE, sd1_unet, sdxl_unet
 from bwl.sd.tokenizer import word_tokenizer
 from bwl.toy.world import any_batch, pretraining_caption, render, sample_character, vocabulary
 from bwl.train.cache import to_pixels
 from bwl.train.checkpoint import latest, load_state, save_state
+from bwl.train.conditioning import TextCache, unet_inputs
 
 TEXT_LENGTH = 32
 
@@ -37,8 +52,11 @@ class PretrainConfig:
     """Pretraining settings. The shipped ``data/toy-sd`` was made with these defaults at ``unet_steps=1600``, then
     resumed to the default ``unet_steps`` (see its ``pretrain.json``)."""
 
-    work_dir: str = "runs/pretrain"
-    model_dir: str = "data/toy-sd"
+    architecture: str = "sd1"  # sd1, or sdxl (the SDXL-shaped micro model)
+    work_dir: str = ""  # "": runs/pretrain (sd1), runs/pretrain-sdxl
+    model_dir: str = ""  # "": data/toy-sd (sd1), data/toy-sdxl
+    vae_from: str | None = None  # a saved pipeline whose VAE is reused instead of stage 1; None: data/toy-sd's for
+    # sdxl, stage 1 for sd1
     seed: int = 0
     vae_steps: int = 600
     vae_batch: int = 32
@@ -59,6 +77,14 @@ class PretrainConfig:
         require(self, [(name, getattr(self, name) >= 0, ">= 0")
                        for name in ("vae_steps", "unet_steps", "checkpoint_every", "threads", "min_snr_gamma")])
         require(self, [(name, getattr(self, name) > 0, "> 0") for name in ("vae_lr", "unet_lr")])
+        require(self, [("architecture", self.architecture in DEFAULT_FOLDERS, f"one of {', '.join(DEFAULT_FOLDERS)}")])
+        work_dir, model_dir, vae_from = DEFAULT_FOLDERS[self.architecture]
+        self.work_dir, self.model_dir = self.work_dir or work_dir, self.model_dir or model_dir
+        self.vae_from = vae_from if self.vae_from is None else self.vae_from
+
+
+DEFAULT_FOLDERS = {"sd1": ("runs/pretrain", "data/toy-sd", ""),  # per architecture: work_dir, model_dir, vae_from
+                   "sdxl": ("runs/pretrain-sdxl", "data/toy-sdxl", "data/toy-sd")}
 
 
 def toy_vae() -> AutoencoderKL:
@@ -86,6 +112,25 @@ def toy_unet() -> torch.nn.Module:
     return sd1_unet((48, 64, 96, 96), cross_attention_dim=64, attention_head_dim=8, sample_size=16, norm_num_groups=16)
 
 
+XL_TEXT = (32, 64)  # the two text encoders' widths (SDXL: 768, 1280); the U-Net attends to both side by side
+
+
+def toy_sdxl_unet() -> torch.nn.Module:
+    """SDXL's layout at toy size (4.1 M parameters, the SD toy's 6.0 M): levels of 32, 64 and 80 channels (16, 8 and
+    4 latent pixels), no attention in the first, one transformer layer per attention in the second and two in the
+    third and the middle (SDXL: none, 2, 10), 8-channel heads."""
+    return sdxl_unet((32, 64, 80), (1, 1, 2), (4, 8, 10), cross_attention_dim=sum(XL_TEXT), pooled_dim=XL_TEXT[1],
+                     addition_time_embed_dim=8, sample_size=16, norm_num_groups=16)
+
+
+def toy_sdxl_text_encoders(vocab_size: int) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    common = {"vocab_size": vocab_size, "num_attention_heads": 4, "max_position_embeddings": TEXT_LENGTH,
+              "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    return (CLIPTextModel(CLIPTextConfig(hidden_size=XL_TEXT[0], intermediate_size=64, num_hidden_layers=2, **common)),
+            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=XL_TEXT[1], intermediate_size=128,
+                                                       num_hidden_layers=3, projection_dim=XL_TEXT[1], **common)))
+
+
 def _resume(stage_dir: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> int:
     found = latest(stage_dir)
     if not found:
@@ -105,7 +150,12 @@ def _checkpoint(stage_dir: Path, modules: dict[str, torch.nn.Module], optimizer,
 
 
 def train_vae(config: PretrainConfig) -> AutoencoderKL:
-    """Stage 1: reconstruct every concept (L1 + MSE, a light KL), then set the latent scaling factor."""
+    """Stage 1: reconstruct every concept (L1 + MSE, a light KL), then set the latent scaling factor; or the VAE of
+    the pipeline in ``vae_from``, in float32."""
+    if config.vae_from:
+        if not (Path(config.vae_from) / "vae" / "config.json").exists():
+            raise FileNotFoundError(f"vae_from={config.vae_from!r}: no saved pipeline with a vae/ folder there")
+        return AutoencoderKL.from_pretrained(config.vae_from, subfolder="vae").float().eval().requires_grad_(False)
     stage = Path(config.work_dir) / "vae"
     torch.manual_seed(config.seed)
     vae = toy_vae()
@@ -160,11 +210,17 @@ def train_unet(config: PretrainConfig, vae: AutoencoderKL):
     stage = Path(config.work_dir) / "unet"
     tokenizer = word_tokenizer(vocabulary(), max_length=TEXT_LENGTH)
     torch.manual_seed(config.seed + 1)
-    unet, text_encoder = toy_unet(), toy_text_encoder(len(tokenizer.get_vocab()))
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    if config.architecture == "sdxl":
+        unet, encoders = toy_sdxl_unet(), dict(zip(("text_encoder", "text_encoder_2"),
+                                                   toy_sdxl_text_encoders(len(tokenizer.get_vocab()))))
+    else:
+        unet, encoders = toy_unet(), {"text_encoder": toy_text_encoder(len(tokenizer.get_vocab()))}
+    texts = TextCache([tokenizer] * len(encoders), list(encoders.values()), trainable=True,
+                      resolution=unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1))
+    params = list(unet.parameters()) + [p for e in encoders.values() for p in e.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=config.unet_steps)
-    start = _resume(stage, {"unet": unet, "text_encoder": text_encoder}, optimizer, scheduler)
+    start = _resume(stage, {"unet": unet, **encoders}, optimizer, scheduler)
     noise_scheduler = DDPMScheduler(
         **{k: v for k, v in SD1_SCHEDULE.items() if k not in ("set_alpha_to_one", "skip_prk_steps")}
     )
@@ -180,10 +236,8 @@ def train_unet(config: PretrainConfig, vae: AutoencoderKL):
         latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=g)) * scale
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=g)
-        ids = tokenizer(
-            captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
-        ).input_ids
-        prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+        states, extra = unet_inputs(texts(captions))
+        prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, states, **extra).sample
         weight = torch.clamp(snr[t], max=config.min_snr_gamma) / snr[t]
         loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         loss.backward()
@@ -198,8 +252,8 @@ def train_unet(config: PretrainConfig, vae: AutoencoderKL):
                 flush=True,
             )
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
-            _checkpoint(stage, {"unet": unet, "text_encoder": text_encoder}, optimizer, scheduler, step + 1)
-    return unet.eval(), text_encoder.eval(), tokenizer, start
+            _checkpoint(stage, {"unet": unet, **encoders}, optimizer, scheduler, step + 1)
+    return unet.eval(), {name: e.eval() for name, e in encoders.items()}, tokenizer, start
 
 
 def pretrain(config: PretrainConfig) -> Path:
@@ -213,11 +267,17 @@ def pretrain(config: PretrainConfig) -> Path:
     started = time.time()
     vae = train_vae(config)
     vae_minutes = (time.time() - started) / 60
-    unet, text_encoder, tokenizer, unet_start = train_unet(config, vae)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**SD1_SCHEDULE),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    unet, encoders, tokenizer, unet_start = train_unet(config, vae)
+    if config.architecture == "sdxl":  # the empty caption was trained as the unconditional one: no zeroed negative
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, unet=unet, tokenizer=tokenizer, tokenizer_2=tokenizer, **encoders,
+            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULE), force_zeros_for_empty_prompt=False,
+            add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**SD1_SCHEDULE), **encoders,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     model_dir = Path(config.model_dir)
     record_path = model_dir / "pretrain.json"
     sessions = _sessions(record_path)
@@ -229,7 +289,8 @@ def pretrain(config: PretrainConfig) -> Path:
         "threads": torch.get_num_threads(),
     })
     write_json(record_path, {
-        "command": "python -m bwl pretrain",
+        "command": "python -m bwl pretrain" + (f" --architecture {config.architecture}"
+                                                if config.architecture != "sd1" else ""),
         "sessions": sessions,
         "minutes": round(sum(s["minutes"]["total"] for s in sessions), 1),
     })

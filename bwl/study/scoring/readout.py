@@ -84,10 +84,15 @@ def readout(features: torch.Tensor, labels: Sequence[Hashable], folds: int = 5, 
     x = features.detach().to(torch.float64).reshape(len(labels), -1)
     folds = max(2, min(folds, min(int((y == k).sum()) for k in range(len(names)))))
     correct = guessed = 0
-    for test in stratified_folds(y.tolist(), folds, seed):
-        train = sorted(set(range(len(y))) - set(test))
-        predicted = fit_predict(x[train], y[train], x[test], len(names), l2)
-        correct += int((predicted == y[test]).sum())
-        guessed += int((y[test] == torch.bincount(y[train], minlength=len(names)).argmax()).sum())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny ops: threads only add synchronization (and stall on a busy CPU)
+    try:
+        for test in stratified_folds(y.tolist(), folds, seed):
+            train = sorted(set(range(len(y))) - set(test))
+            predicted = fit_predict(x[train], y[train], x[test], len(names), l2)
+            correct += int((predicted == y[test]).sum())
+            guessed += int((y[test] == torch.bincount(y[train], minlength=len(names)).argmax()).sum())
+    finally:
+        torch.set_num_threads(threads)
     low, high = wilson(correct, len(y))
     return Readout(correct / len(y), low, high, guessed / len(y), len(y))
