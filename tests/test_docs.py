@@ -155,3 +155,17 @@ def test_sync_writes_the_address_and_drops_the_injected_cell(tmp_path):
     written = json.loads((tmp_path / "a.ipynb").read_text())
     assert len(written["cells"]) == len(notebook["cells"]) - 1
     assert "".join(written["cells"][colab_cell_index(written)]["source"]) == colab_source("https://example.org/fork")
+
+
+def test_the_tracked_tree_fits_a_gpu_checks_transfer():
+    """A device check sends the whole working tree (64 MiB at most, with the wheels it carries): the tracked files
+    stay under 48 MiB."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: the tracked tree is measured on a clone")
+    files = [ROOT / name for name in listed.stdout.decode().split("\0") if name]
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    largest = sorted(files, key=lambda f: f.stat().st_size if f.is_file() else 0)[-3:]
+    assert total < 48 * 2**20, f"tracked files: {total / 2**20:.1f} MiB; largest: {[str(f) for f in largest]}"
