@@ -19,7 +19,7 @@ def smoke(tmp_path, **overrides):
 
 
 def test_profiles_load_and_refuse_unknown_keys():
-    for name in ("smoke", "toy", "paper", "sweep", "methods", "lengths", "replicate"):
+    for name in ("smoke", "toy", "paper", "sweep", "methods", "lengths", "replicate", "combine"):
         assert load_profile(name).name == name
     sweep, toy = load_profile("sweep"), load_profile("toy")
     assert sweep.out == toy.out and (sweep.model, sweep.train, sweep.prompts) == (toy.model, toy.train, toy.prompts)
@@ -27,7 +27,8 @@ def test_profiles_load_and_refuse_unknown_keys():
         load_profile("toy", {"sedes": [1]})
     with pytest.raises(ConfigError, match="'stepz'"):
         load_profile("toy", {"train": {"stepz": 3}})
-    with pytest.raises(ConfigError, match="valid: lengths, methods, paper, paper-xl, replicate, smoke, sweep, toy"):
+    valid = "valid: combine, lengths, methods, paper, paper-xl, replicate, smoke, sweep, toy"
+    with pytest.raises(ConfigError, match=valid):
         load_profile("toyy")
     with pytest.raises(ConfigError, match="fig9"):
         load_profile("toy", {"grids": ["fig9"]})
