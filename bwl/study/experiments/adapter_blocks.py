@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from collections import defaultdict
@@ -139,9 +140,10 @@ def _read_readings(path: Path) -> list[Reading]:
 
 
 def replicate_readings(replicate: Replicate, seeds: Sequence[int]) -> tuple[dict[str, dict[str, float]],
-                                                                          list[Reading]]:
-    """One replicate's update sizes (per adapter label, per block) and adapter-patching readings; the readings are
-    reused from ``runs/<profile>/mechanism/`` when their key matches."""
+                                                                          list[Reading], float]:
+    """One replicate's update sizes (per adapter label, per block), adapter-patching readings and the seconds the
+    patching took; the readings are reused from ``runs/<profile>/mechanism/`` (with their recorded time) when their
+    key matches."""
     study, profile = replicate.study, replicate.study.profile
     files = study.adapter_files(list(ADAPTERS.values()))
     missing = [str(k) for k, f in files.items() if not f.exists()]
@@ -155,13 +157,17 @@ def replicate_readings(replicate: Replicate, seeds: Sequence[int]) -> tuple[dict
                        "prompts": prompts, "seeds": list(seeds), "steps": profile.sample_steps,
                        "guidance": profile.guidance_scale, "size": profile.resolution, "probes": ProbeScorer().version})
     cached = study.out / "mechanism" / f"{replicate.name}-{key}.csv"
-    if cached.exists():
-        return sizes, _read_readings(cached)
+    timing = cached.with_suffix(".json")
+    if cached.exists() and timing.exists():
+        return sizes, _read_readings(cached), json.loads(timing.read_text())["seconds"]
     log(f"mechanism: adapter patching on {replicate.name} ({len(prompts)} prompts x {len(seeds)} seeds)")
+    started = time.time()
     readings = patch_adapters(pipe, ProbeScorer(pair=replicate.pair), prompts, seeds, profile.sample_steps,
                               profile.guidance_scale, profile.resolution, {c: f"{c}-lora" for c in CONCEPTS})
+    seconds = time.time() - started
     write_text(cached, _readings_csv(readings))
-    return sizes, readings
+    write_json(timing, {"seconds": round(seconds, 1)})
+    return sizes, readings, seconds
 
 
 Pooled = dict[tuple[str, str, str], PooledEffect]
@@ -249,7 +255,8 @@ def adapters_figure(sizes: Pooled, patched: Pooled, blocks: Sequence[str], out: 
     return finish_figure(fig, out)
 
 
-def run_adapter_blocks(profile: Profile, out: Path, seeds: Sequence[int] = (0, 1)) -> Path:
+def run_adapter_blocks(profile: Profile, out: Path, seeds: Sequence[int] = (0, 1),
+                       command: str = "python -m bwl mechanism") -> Path:
     """Update sizes and adapter patching over ``profile``'s replicates (training the adapters it lacks); writes
     ``adapter-sizes``, ``adapter-patching`` (``.csv``/``.md``), ``adapters.png`` and ``adapters.json`` in ``out`` and
     returns the patching table."""
@@ -257,9 +264,10 @@ def run_adapter_blocks(profile: Profile, out: Path, seeds: Sequence[int] = (0, 1
     prepare(profile)
     runs = replicates(profile)
     train_missing([(r.study, key) for r in runs for key in ADAPTERS.values()], profile.train_workers)
-    sizes, readings = {}, {}
+    sizes, readings, seconds = {}, {}, 0.0
     for r in runs:
-        sizes[(r.pair.name, r.seed)], readings[(r.pair.name, r.seed)] = replicate_readings(r, seeds)
+        sizes[(r.pair.name, r.seed)], readings[(r.pair.name, r.seed)], took = replicate_readings(r, seeds)
+        seconds += took
     pooled_sizes, pooled = pool_sizes(sizes), pool_readings(readings)
     blocks = list(dict.fromkeys(r.block for found in readings.values() for r in found if r.block))
     for name, (table, md) in {"adapter-sizes": sizes_table(pooled_sizes),
@@ -274,8 +282,9 @@ def run_adapter_blocks(profile: Profile, out: Path, seeds: Sequence[int] = (0, 1
         "patched_with": "identity lora + style lora", "prompts": [p for p in profile.prompts
                                                                   if profile.identity_trigger in p
                                                                   and profile.style_trigger in p],
-        "seeds": list(seeds), "sample_steps": profile.sample_steps, "minutes": round(minutes, 1),
-        "command": f"python -m bwl mechanism --adapters {profile.name} --adapter-seeds "
-                   + " ".join(map(str, seeds))})
+        "seeds": list(seeds), "sample_steps": profile.sample_steps,
+        "patching_minutes": round(seconds / 60, 1),  # generating and reading the patched images, all replicates
+        "minutes": round(minutes, 1),  # this invocation (adapters trained or reused, readings made or reused)
+        "command": command})
     log(f"mechanism: adapters over {len(runs)} replicates in {minutes:.1f} min; {out}")
     return out / "adapter-patching.md"
