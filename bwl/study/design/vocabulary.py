@@ -28,6 +28,9 @@ class Concept(str, Enum):
         return {"identity": "id", "style": "style", "both": "joint"}[self.value]
 
 
+DATA_CONCEPTS = (Concept.IDENTITY, Concept.STYLE)  # the concepts that have their own images and captions
+
+
 class Metric(str, Enum):
     """A per-image score; each is reported as a mean with a 95 % confidence interval (:mod:`bwl.study.scoring.metrics`).
 

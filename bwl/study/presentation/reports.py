@@ -14,7 +14,7 @@ from bwl.adapters.spec import unet_architecture
 from bwl.core.images import labeled_grid
 from bwl.data.captions import tag_frequency
 from bwl.sd.pipeline import load_pipeline, unet_config
-from bwl.study.design.vocabulary import METRICS, Concept
+from bwl.study.design.vocabulary import DATA_CONCEPTS, METRICS
 from bwl.study.running.study import Study
 from bwl.train.losses import plot_loss_curve
 
@@ -22,7 +22,7 @@ from bwl.train.losses import plot_loss_curve
 def caption_summary(study: Study, top: int = 12) -> str:
     """Per concept: image count, one example caption and the most frequent tags (kohya's ss_tag_frequency)."""
     lines = []
-    for concept in Concept:
+    for concept in DATA_CONCEPTS:
         folder = study.concept_dir(concept)
         captions = sorted(folder.glob("*.txt"))
         example = captions[0].read_text(encoding="utf-8").strip() if captions else "(none)"

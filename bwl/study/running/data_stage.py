@@ -17,7 +17,7 @@ from bwl.data.tagging import Tagger, make_tagger
 from bwl.sd.pipeline import load_pipeline
 from bwl.sd.tiny import build_tiny_pipeline
 from bwl.study.design.profile import Profile
-from bwl.study.design.vocabulary import Concept
+from bwl.study.design.vocabulary import DATA_CONCEPTS, Concept
 from bwl.study.running.cells import CellStore
 from bwl.study.running.console import log
 from bwl.study.scoring.metrics import Scorers
@@ -94,8 +94,9 @@ class StudyData:
         if self.reg_dir is not None:
             generate_regularization(load_pipeline(self.model), self.reg_dir, p.reg_prompt, p.reg_count, p.resolution)
         write_json(self.out / "data" / "profile.json", p.to_dict())
-        log("data: " + ", ".join(f"{c.value} {len(list(self.concept_dir(c).glob('*.txt')))} captioned images"
-                                 for c in Concept) + (f", {p.reg_count} regularization images" if p.reg_count else ""))
+        counts = ", ".join(f"{c.value} {len(list(self.concept_dir(c).glob('*.txt')))} captioned images"
+                           for c in DATA_CONCEPTS)
+        log("data: " + counts + (f", {p.reg_count} regularization images" if p.reg_count else ""))
         self._fingerprints.clear()  # the data may have changed
         self._scorer = None  # and with it the reference images
         return reports
