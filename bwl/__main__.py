@@ -1,6 +1,6 @@
 """Command line: ``python -m bwl <command>``: run, train, inspect, analyze, zip, export-kohya, import-kohya, sweep,
 methods, lengths, replicate, combine, findings, eye-check, validate-reference, gates, assets, block-maps, mechanism,
-pretrain, probes, toy-clip, demo.
+side-by-side, pretrain, probes, toy-clip, demo.
 
 A failure bwl can name (a bad config value, block spec, adapter file, dataset, model, a failed notebook, or an
 operating-system error such as a full disk, with its path) is one line on stderr, ``bwl: error: <message>``, and exit
@@ -46,6 +46,7 @@ from bwl.study.presentation.figures import block_sweep
 from bwl.study.running.runner import StudyFailed, run_study
 from bwl.study.running.study import Study
 from bwl.study.scoring.findings import findings_report
+from bwl.study.scoring.side_by_side import write_side_by_side
 from bwl.toy.assets import train_and_save_probes
 from bwl.toy.encoder import train_toy_clip
 from bwl.toy.pretrain import PretrainConfig, pretrain
@@ -117,6 +118,11 @@ def parser() -> argparse.ArgumentParser:
                            help="maps: decoding and patching on the base model; adapters: update sizes and adapter "
                                 "patching over the profile's mechanism_adapters replicates")
     commands.add_parser("block-maps", help="every U-Net layout's block map as tables (figures/block-maps.md)")
+    sides = commands.add_parser("side-by-side", help="two profiles' replicated verdicts next to each other (the toy "
+                                                     "world's two architectures: figures/architectures.md/.csv/.png)")
+    sides.add_argument("--profiles", nargs=2, default=["replicate", "toy-xl"], metavar="PROFILE")
+    sides.add_argument("--labels", nargs=2, default=["SD 1.x toy", "SDXL toy"], metavar="LABEL")
+    sides.add_argument("--out", default="figures/architectures")
     toy_clip = commands.add_parser("toy-clip", help="retrain the toy CLIP (data/toy-clip) on the seen concepts")
     toy_clip.add_argument("--steps", type=int, default=600)
     gates = commands.add_parser("gates", help="measure the toy world's quality gates (after the toy study ran)")
@@ -220,6 +226,9 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
         for table in ("decoding.md", "patching.md", "adapter-sizes.md", "adapter-patching.md"):
             if (out / table).exists():
                 print((out / table).read_text())
+    elif args.command == "side-by-side":
+        csvs = {label: load_profile(name).figures / "replicate.csv" for label, name in zip(args.labels, args.profiles)}
+        print(write_side_by_side(csvs, Path(args.out)).read_text())
     elif args.command == "block-maps":
         print(write_text(Path("figures") / "block-maps.md", block_maps_markdown()).read_text())
     elif args.command == "assets":

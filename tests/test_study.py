@@ -19,7 +19,7 @@ def smoke(tmp_path, **overrides):
 
 
 def test_profiles_load_and_refuse_unknown_keys():
-    for name in ("smoke", "toy", "paper", "sweep", "methods", "lengths", "replicate", "combine"):
+    for name in ("smoke", "toy", "paper", "sweep", "methods", "lengths", "replicate", "combine", "toy-xl", "paper-xl"):
         assert load_profile(name).name == name
     sweep, toy = load_profile("sweep"), load_profile("toy")
     assert sweep.out == toy.out and (sweep.model, sweep.train, sweep.prompts) == (toy.model, toy.train, toy.prompts)

@@ -167,7 +167,8 @@ def block_weights(spec: float | str | Mapping[str, float] | Sequence[float],
     """Per-block inference weights for BASE (the text encoders) and ``arch``'s fine blocks.
 
     - a number: that weight everywhere;
-    - a paper spec (``"upper"``, ``"IN0+OUT3"``): 1 on those blocks, 0 elsewhere (BASE 1);
+    - a selection (``"upper"``, ``"IN0+OUT3"``, fine blocks such as B-LoRA's ``"OUT01"`` on SDXL): 1 on those
+      blocks, 0 elsewhere (BASE 1);
     - an LBW preset name or comma-separated values (17/26 on SD 1.x, 12/20 on SDXL);
     - a list of such numbers (an LBW vector);
     - a dict of paper blocks, groups, fine blocks or ``BASE`` to weights: those override a default of 1.0;
@@ -179,9 +180,8 @@ def block_weights(spec: float | str | Mapping[str, float] | Sequence[float],
     if isinstance(spec, str):
         if spec.strip().upper() in arch.lbw_presets or ("," in spec and _is_number_list(spec)):
             return lbw_weights(spec, arch)
-        selected = parse_blocks(spec, arch)
-        weights = {f: (1.0 if arch.paper_block_of_fine(f) in selected else 0.0) for f in arch.fine_blocks}
-        return {"BASE": 1.0, **weights}
+        selected = set(parse_selection(spec, arch))
+        return {"BASE": 1.0, **{f: (1.0 if f in selected else 0.0) for f in arch.fine_blocks}}
     if isinstance(spec, Mapping):
         weights = dict.fromkeys(arch.lbw_full, 1.0)
         fine_overrides = {}

@@ -14,7 +14,7 @@ from bwl.adapters.blocks import PAPER_BLOCKS, BlockSpecError
 from bwl.adapters.methods import parse_method_label
 from bwl.core.config import ConfigError, build, coerce_fields, read_file, require
 from bwl.sd.encoders import DEFAULT_CLIP, DEFAULT_DINO
-from bwl.study.design.vocabulary import GRIDS
+from bwl.study.design.vocabulary import GRIDS, PAPER_GRIDS
 from bwl.toy.concepts import parse_pair
 from bwl.train.config import TrainConfig
 
@@ -59,7 +59,7 @@ class Profile:
     sample_steps: int = 25
     guidance_scale: float = 7.0
     batch_size: int = 40
-    grids: list[str] = field(default_factory=lambda: list(GRIDS))
+    grids: list[str] = field(default_factory=lambda: list(PAPER_GRIDS))
     figure_rows: int = 4
     figures_dir: str = "figures"
     runs_dir: str = ""

@@ -7,10 +7,11 @@ a :class:`Grid` is one paper figure. Findings, quality gates and figures import 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from bwl.adapters.blocks import format_blocks, parse_blocks
+from bwl.adapters.architectures import BlockSpecError, get_architecture
+from bwl.adapters.blocks import format_selection, parse_selection
 from bwl.adapters.methods import get_method, method_label, parse_method_label
 from bwl.adapters.modes import MODES as COMBINATION_MODES
 
@@ -71,7 +72,9 @@ FIDELITY: tuple[Metric, ...] = (Metric.IDENTITY, Metric.STYLE)  # what the paper
 
 @dataclass(frozen=True, order=True)
 class AdapterKey:
-    """One adapter of the study. ``blocks`` is a block spec, stored canonically (``"IN0+OUT3"`` becomes ``upper``)."""
+    """One adapter of the study. ``blocks`` is a block spec on the U-Net layout ``arch`` (``sd1``, ``sdxl``), stored
+    canonically: ``"IN0+OUT3"`` becomes ``upper`` on SD 1.x, ``"IN0+OUT2"`` on SDXL; kohya fine blocks
+    (``"OUT00+OUT01"``) select parts of a block. A study binds its keys to its model's layout (``seeded``)."""
 
     concept: Concept
     method: str
@@ -80,11 +83,14 @@ class AdapterKey:
     concept_id: str = ""  # which identity or style, where a profile has several ("" = its one)
     dora: bool = False  # DoRA on a lora/locon method
     merge: str = ""  # "" trained; "zip": the ZipLoRA merge of this method's identity and style (concept both)
+    arch: str = "sd1"  # the U-Net layout the block spec is read on
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "concept", Concept(self.concept))
         get_method(self.method, self.dora)
-        object.__setattr__(self, "blocks", format_blocks(parse_blocks(self.blocks)))
+        arch = get_architecture(self.arch)
+        object.__setattr__(self, "arch", arch.name)
+        object.__setattr__(self, "blocks", format_selection(parse_selection(self.blocks, arch), arch))
         if self.merge not in MERGES:
             raise ValueError(f"unknown merge {self.merge!r}; valid: {', '.join(MERGES)}")
         if self.merge and self.concept is not Concept.BOTH:
@@ -95,8 +101,19 @@ class AdapterKey:
         """A merge's inputs: the identity and the style adapter it is made from."""
         if not self.merge:
             raise ValueError(f"{self} is trained, not merged")
-        return (AdapterKey(Concept.IDENTITY, self.method, self.blocks, self.seed, dora=self.dora),
-                AdapterKey(Concept.STYLE, self.method, self.blocks, self.seed, dora=self.dora))
+        return (AdapterKey(Concept.IDENTITY, self.method, self.blocks, self.seed, dora=self.dora, arch=self.arch),
+                AdapterKey(Concept.STYLE, self.method, self.blocks, self.seed, dora=self.dora, arch=self.arch))
+
+    def on(self, arch: str) -> AdapterKey:
+        """This key on the U-Net layout ``arch``. Groups (``upper``: the highest resolution level), ``all``, ``none``
+        and ``MID`` mean the same on every layout; other specs name one layout's blocks and are refused."""
+        target = get_architecture(arch)
+        if target.name == self.arch:
+            return self
+        if self.blocks not in target.groups and self.blocks != "MID":
+            raise BlockSpecError(f"adapter {self}: blocks {self.blocks!r} name {self.arch} blocks; make the key with "
+                                 f"arch={target.name!r}")
+        return replace(self, arch=target.name)
 
     @property
     def label(self) -> str:
@@ -111,28 +128,28 @@ class AdapterKey:
         return "_".join(parts)
 
 
-def identity(method: str, blocks: str = "all") -> AdapterKey:
+def identity(method: str, blocks: str = "all", arch: str = "sd1") -> AdapterKey:
     """The identity adapter of a method (a label: ``"locon"``, ``"locon-dora"``) trained on ``blocks``."""
     name, dora = parse_method_label(method)
-    return AdapterKey(Concept.IDENTITY, name, blocks, dora=dora)
+    return AdapterKey(Concept.IDENTITY, name, blocks, dora=dora, arch=arch)
 
 
-def style(method: str, blocks: str = "all") -> AdapterKey:
+def style(method: str, blocks: str = "all", arch: str = "sd1") -> AdapterKey:
     """The style adapter of a method (a label) trained on ``blocks``."""
     name, dora = parse_method_label(method)
-    return AdapterKey(Concept.STYLE, name, blocks, dora=dora)
+    return AdapterKey(Concept.STYLE, name, blocks, dora=dora, arch=arch)
 
 
-def joint(method: str, blocks: str = "all") -> AdapterKey:
+def joint(method: str, blocks: str = "all", arch: str = "sd1") -> AdapterKey:
     """One adapter of a method trained on both concepts' images, each captioned with its own trigger."""
     name, dora = parse_method_label(method)
-    return AdapterKey(Concept.BOTH, name, blocks, dora=dora)
+    return AdapterKey(Concept.BOTH, name, blocks, dora=dora, arch=arch)
 
 
-def zipped(method: str, blocks: str = "all") -> AdapterKey:
+def zipped(method: str, blocks: str = "all", arch: str = "sd1") -> AdapterKey:
     """The ZipLoRA merge of a method's identity and style adapters (:mod:`bwl.train.ziplora`)."""
     name, dora = parse_method_label(method)
-    return AdapterKey(Concept.BOTH, name, blocks, dora=dora, merge="zip")
+    return AdapterKey(Concept.BOTH, name, blocks, dora=dora, merge="zip", arch=arch)
 
 
 MERGES = ("", "zip")
@@ -180,6 +197,9 @@ UPPER_ID_UPPER_STYLE = "upper ID + upper style"
 FULL_ID_UPPER_STYLE = "full ID + upper style"
 FULL_ID_MIDDLE_STYLE = "full ID + middle style"
 FULL_ID_BOTTOM_STYLE = "full ID + bottom style"
+B_LORA = "B-LoRA: ID on OUT00 + style on OUT01"
+INSTANTSTYLE_TRAINED = "full ID + style trained on OUT01"
+INSTANTSTYLE_INFERENCE = "full ID + full style, inference on OUT01"
 
 
 @dataclass(frozen=True)
@@ -228,7 +248,17 @@ GRIDS: dict[str, Grid] = {g.name: g for g in (
         cell(FULL_ID_MIDDLE_STYLE, (identity("locon"), 1.0), (style("locon", "middle"), 1.0)),
         cell(FULL_ID_BOTTOM_STYLE, (identity("locon"), 1.0), (style("locon", "bottom"), 1.0)),
     )),
+    # SDXL only: B-LoRA (Frenkel et al. 2024) trains one LoRA per image on up_blocks.0's two attentions and takes the
+    # content from the first (OUT00) and the style from the second (OUT01); InstantStyle (Wang et al. 2024) injects
+    # the style into up_blocks.0.attentions.1 (OUT01) only, here as a style LoRA trained, or applied, there.
+    Grid("xl", "lora", (
+        cell(B_LORA, (identity("lora", "OUT00+OUT01", "sdxl"), "OUT00"),
+             (style("lora", "OUT00+OUT01", "sdxl"), "OUT01")),
+        cell(INSTANTSTYLE_TRAINED, (identity("lora"), 1.0), (style("lora", "OUT01", "sdxl"), 1.0)),
+        cell(INSTANTSTYLE_INFERENCE, (identity("lora"), 1.0), (style("lora"), "OUT01")),
+    )),
 )}
+PAPER_GRIDS = ("fig2", "fig3", "fig4a", "fig4b")  # the paper's figures; "xl" holds SDXL's own block choices
 
 
 def adapters_of(grids: list[Grid] | tuple[Grid, ...]) -> list[AdapterKey]:

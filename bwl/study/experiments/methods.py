@@ -54,7 +54,7 @@ def best_single_block(sweep_csv: Path) -> str:
     """The single paper block whose style scores the highest identity + style fidelity in the block sweep."""
     if not sweep_csv.exists():
         raise FileNotFoundError(f"{sweep_csv}: no block sweep; run `python -m bwl sweep` first, or set methods_block")
-    singles = [r for r in read_sweep(sweep_csv) if r.spec in PAPER_BLOCKS]
+    singles = [r for r in read_sweep(sweep_csv) if r.spec in PAPER_BLOCKS]  # any layout's single blocks
     return max(singles, key=lambda r: r.identity.mean + r.style.mean).spec
 
 

@@ -1,9 +1,11 @@
-"""The block sweep (the paper's open question 1): a style LoCon trained on each paper block and each pair of blocks,
-each combined with the full-block LoCon identity, generated and scored through the grids' cell path.
+"""The block sweep (the paper's open question 1): a style LoCon trained on each paper block and each pair of blocks
+of the model's layout, each combined with the full-block LoCon identity, generated and scored through the grids' cell
+path.
 
-Each spec is also compared with the paper's upper group (IN0+OUT3) on identity and style, per image (the cells share
-prompts and seeds), with a bootstrap 95 % CI and p-value; the p-values of all the sweep's comparisons are
-Holm-adjusted together (``sweep-tests.csv``). One training run per spec: the tests see sampling noise only."""
+Each spec is also compared with the paper's upper group (IN0+OUT3 on SD 1.x, IN0+OUT2 on SDXL) on identity and
+style, per image (the cells share prompts and seeds), with a bootstrap 95 % CI and p-value; the p-values of all the
+sweep's comparisons are Holm-adjusted together (``sweep-tests.csv``). One training run per spec: the tests see
+sampling noise only."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from bwl.adapters.blocks import PAPER_BLOCKS, parse_blocks
+from bwl.adapters.architectures import ArchitectureLike, get_architecture
+from bwl.adapters.blocks import parse_blocks
 from bwl.core.atomic import write_csv
 from bwl.study.design.vocabulary import Cell, Metric, cell, identity, style
 from bwl.study.running.console import log, progress
@@ -40,43 +43,47 @@ class SweepResult:
                 "identity_n": self.identity.n, "style_n": self.style.n}
 
 
-def sweep_specs(pairs: bool = True) -> list[str]:
-    """Every single paper block, then every pair of them."""
-    return list(PAPER_BLOCKS) + ([f"{a}+{b}" for a, b in combinations(PAPER_BLOCKS, 2)] if pairs else [])
+def sweep_specs(pairs: bool = True, arch: ArchitectureLike | None = None) -> list[str]:
+    """Every single paper block of ``arch`` (SD 1.x by default), then every pair of them."""
+    blocks = get_architecture(arch).paper_blocks
+    return list(blocks) + ([f"{a}+{b}" for a, b in combinations(blocks, 2)] if pairs else [])
 
 
-def sweep_cells(pairs: bool = True) -> list[Cell]:
-    return [cell(f"full ID + style on {spec}", (identity("locon"), 1.0), (style("locon", spec), 1.0))
-            for spec in sweep_specs(pairs)]
+def sweep_cells(pairs: bool = True, arch: ArchitectureLike | None = None) -> list[Cell]:
+    name = get_architecture(arch).name
+    return [cell(f"full ID + style on {spec}", (identity("locon"), 1.0), (style("locon", spec, name), 1.0))
+            for spec in sweep_specs(pairs, name)]
+
+
+def upper_spec(arch: ArchitectureLike | None = None) -> str:
+    """The paper's upper group spelled as the sweep spells it: ``IN0+OUT3`` on SD 1.x, ``IN0+OUT2`` on SDXL."""
+    return "+".join(get_architecture(arch).groups["upper"])
 
 
 def run_sweep(study: Study, log: Log = log) -> Path:
     """Train what is missing, render every sweep cell (prompts with the style trigger, ``sweep_seeds``) and write
     ``sweep.csv`` to the figures folder."""
-    p = study.profile
-    cells = sweep_cells(p.sweep_pairs)
+    p, arch = study.profile, study.architecture
+    cells = sweep_cells(p.sweep_pairs, arch)
     keys = [identity("locon")] + [k for c in cells for k in c.weights if k != identity("locon")]
     study.train_all(keys, log)
     renderer = study.renderer(keys, resident=[identity("locon")])
     prompts = [q for q in p.prompts if p.style_trigger in q]
     results, scores = [], {}
     with progress(len(cells), "sweep cells") as bar:
-        for column, spec in zip(cells, sweep_specs(p.sweep_pairs)):
+        for column, spec in zip(cells, sweep_specs(p.sweep_pairs, arch)):
             key, _ = renderer.render(column, prompts, p.sweep_seeds)
             summary = renderer.store.summary(key)
             scores[spec] = study.cells.scores(key)
             results.append(SweepResult(spec, summary[Metric.IDENTITY], summary[Metric.STYLE]))
             log(f"sweep {spec}: identity {results[-1].identity}, style {results[-1].style}")
             bar.update()
-    if UPPER in scores:
-        write_csv(p.figures / "sweep-tests.csv", sweep_tests(scores))
+    if upper_spec(arch) in scores:
+        write_csv(p.figures / "sweep-tests.csv", sweep_tests(scores, upper_spec(arch)))
     return write_sweep(p.figures / "sweep.csv", results)
 
 
-UPPER = "IN0+OUT3"
-
-
-def sweep_tests(scores: dict[str, list[Scores]], reference: str = UPPER, resamples: int = 20000) -> list[dict]:
+def sweep_tests(scores: dict[str, list[Scores]], reference: str = "IN0+OUT3", resamples: int = 20000) -> list[dict]:
     """Every spec against ``reference`` on identity and style: the mean per-image difference, its bootstrap 95 % CI,
     its p-value, and the p-value Holm-adjusted over all of the sweep's comparisons."""
     rows = []

@@ -54,11 +54,12 @@ def make_figures(study: Study) -> list[Path]:
 def sweep_figure(results: list[SweepResult], out: Path | None = None) -> Figure:
     """Two heatmaps (identity and style fidelity; diagonal = single block, off-diagonal = pair), each cell with its
     value, and the Pareto plot; saved to ``out`` when given."""
-    index = {b: i for i, b in enumerate(PAPER_BLOCKS)}
+    blocks = [b for b in PAPER_BLOCKS if any(b in r.blocks for r in results)]  # 9 on SD 1.x, 7 on SDXL
+    index = {b: i for i, b in enumerate(blocks)}
     fig = Figure(figsize=(16, 5))
     axes = fig.subplots(1, 3)
     for ax, metric in zip(axes[:2], ("identity", "style")):
-        grid = np.full((9, 9), np.nan)
+        grid = np.full((len(blocks), len(blocks)), np.nan)
         for r in results:
             i, j = index[r.blocks[0]], index[r.blocks[-1]]
             grid[i, j] = grid[j, i] = getattr(r, metric).mean
@@ -67,8 +68,8 @@ def sweep_figure(results: list[SweepResult], out: Path | None = None) -> Figure:
             if not np.isnan(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if value < 0.6 else "black")
-        ax.set_xticks(range(9), PAPER_BLOCKS, rotation=45)
-        ax.set_yticks(range(9), PAPER_BLOCKS)
+        ax.set_xticks(range(len(blocks)), blocks, rotation=45)
+        ax.set_yticks(range(len(blocks)), blocks)
         ax.set_title(f"{metric} fidelity (full ID + style on block / pair)")
         fig.colorbar(image, ax=ax, fraction=0.046)
     ax = axes[2]

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import cached_property
 from pathlib import Path
 
+from bwl.adapters.architectures import Architecture, architecture_of
 from bwl.core.hashing import config_hash
 from bwl.core.locks import claim
-from bwl.sd.pipeline import load_pipeline
+from bwl.sd.pipeline import load_pipeline, unet_config
 from bwl.study.design import runs
 from bwl.study.design.vocabulary import GRIDS, AdapterKey, Concept, Grid, adapters_of
 from bwl.study.running.console import log
@@ -24,6 +26,11 @@ ZIP_PATH_FIELDS = ("identity", "style", "out", "identity_images", "style_images"
 class StudyAdapters(StudyData):
     """The adapter stage: which adapters the profile's grids need, their train configs and files, and training."""
 
+    @cached_property
+    def architecture(self) -> Architecture:
+        """The base model's U-Net layout (SD 1.x, SD 2.x, SDXL), read from its config."""
+        return architecture_of(unet_config(self.model))
+
     def grids(self) -> list[Grid]:
         return [GRIDS[name] for name in self.profile.grids]
 
@@ -32,7 +39,9 @@ class StudyAdapters(StudyData):
 
     def seeded(self, key: AdapterKey) -> AdapterKey:
         """The grids' adapter key (seed 0: "the run's seed"; no concept id: "the study's concept") with this study's
-        training seed and concept pair (a joint or merged adapter's concept id is the pair's name)."""
+        training seed and concept pair (a joint or merged adapter's concept id is the pair's name), on this study's
+        U-Net layout."""
+        key = key.on(self.architecture.name)
         key = dataclasses.replace(key, seed=self.train_seed) if key.seed == 0 else key
         concept_id = self.pair.name if key.concept is Concept.BOTH and not self.pair.is_default else \
             self.pair.concept_id(key.concept.value)
