@@ -197,10 +197,10 @@ def _cell(effect: PooledEffect) -> str:
     return f"{effect.mean:.2f} [{effect.low:.2f}, {effect.high:.2f}]"
 
 
-def sizes_table(pooled: Pooled) -> tuple[str, str]:
-    """The update sizes as CSV and as markdown (blocks down, adapters across)."""
+def sizes_table(pooled: Pooled, order: Sequence[str]) -> tuple[str, str]:
+    """The update sizes as CSV and as markdown (blocks down in U-Net ``order``, adapters across)."""
     labels = list(dict.fromkeys(k[0] for k in pooled))
-    blocks = list(dict.fromkeys(k[1] for k in pooled))
+    blocks = [b for b in order if any(k[1] == b for k in pooled)]
     rows = ["adapter,block,size,low,high,replicates"]
     rows += [f"{a},{b},{e.mean:.5f},{e.low:.5f},{e.high:.5f},{e.seeds}" for (a, b, _), e in pooled.items()]
     n = next(iter(pooled.values())).seeds
@@ -226,12 +226,14 @@ def patching_table(pooled: Pooled, blocks: Sequence[str]) -> tuple[str, str]:
     return "\n".join(rows) + "\n", "\n".join(lines) + "\n"
 
 
-def _bars(ax, blocks: Sequence[str], series: dict[str, list[PooledEffect]]) -> None:
+def _bars(ax, blocks: Sequence[str], series: dict[str, list[PooledEffect | None]]) -> None:
+    """Bars with their CIs, one series per label; a block a series lacks (None) gets no bar."""
     width = 0.8 / len(series)
     for i, (label, effects) in enumerate(series.items()):
-        x = np.arange(len(blocks)) + (i - (len(series) - 1) / 2) * width
-        means = np.array([e.mean for e in effects])
-        errors = np.array([[e.mean - e.low for e in effects], [e.high - e.mean for e in effects]])
+        found = [(j, e) for j, e in enumerate(effects) if e is not None]
+        x = np.array([j for j, _ in found]) + (i - (len(series) - 1) / 2) * width
+        means = np.array([e.mean for _, e in found])
+        errors = np.array([[e.mean - e.low for _, e in found], [e.high - e.mean for _, e in found]])
         ax.bar(x, means, width, yerr=errors, label=label, capsize=2)
     ax.set_xticks(range(len(blocks)), list(blocks), fontsize=7)
     ax.legend(fontsize=6)
@@ -243,9 +245,9 @@ def adapters_figure(sizes: Pooled, patched: Pooled, blocks: Sequence[str], out: 
     fig = Figure(figsize=(13, 3.4))
     left, *right = fig.subplots(1, 1 + len(CONCEPTS))
     labels = list(dict.fromkeys(k[0] for k in sizes))
-    size_blocks = [b for b in blocks if all((a, b, "") in sizes for a in labels)]
-    _bars(left, size_blocks, {a: [sizes[(a, b, "")] for b in size_blocks] for a in labels})
-    left.set_title("relative weight update ‖ΔW‖/‖W‖", fontsize=9)
+    size_blocks = [b for b in blocks if any((a, b, "") in sizes for a in labels)]  # LoRA: no IN3, OUT0
+    _bars(left, size_blocks, {a: [sizes.get((a, b, "")) for b in size_blocks] for a in labels})
+    left.set_title("relative weight update ‖ΔW‖/‖W‖ (LoRA: attention blocks only)", fontsize=9)
     for ax, concept in zip(right, CONCEPTS):
         _bars(ax, blocks, {d: [patched[(concept, d, b)] for b in blocks] for d in ("gain", "loss")})
         for condition, style_ in (("without", ":"), ("with", "--")):
@@ -256,7 +258,7 @@ def adapters_figure(sizes: Pooled, patched: Pooled, blocks: Sequence[str], out: 
 
 
 def run_adapter_blocks(profile: Profile, out: Path, seeds: Sequence[int] = (0, 1),
-                       command: str = "python -m bwl mechanism") -> Path:
+                       command: str = "python -m bwl mechanism --parts adapters") -> Path:
     """Update sizes and adapter patching over ``profile``'s replicates (training the adapters it lacks); writes
     ``adapter-sizes``, ``adapter-patching`` (``.csv``/``.md``), ``adapters.png`` and ``adapters.json`` in ``out`` and
     returns the patching table."""
@@ -270,7 +272,7 @@ def run_adapter_blocks(profile: Profile, out: Path, seeds: Sequence[int] = (0, 1
         seconds += took
     pooled_sizes, pooled = pool_sizes(sizes), pool_readings(readings)
     blocks = list(dict.fromkeys(r.block for found in readings.values() for r in found if r.block))
-    for name, (table, md) in {"adapter-sizes": sizes_table(pooled_sizes),
+    for name, (table, md) in {"adapter-sizes": sizes_table(pooled_sizes, blocks),
                               "adapter-patching": patching_table(pooled, blocks)}.items():
         write_text(out / f"{name}.csv", table)
         write_text(out / f"{name}.md", md)

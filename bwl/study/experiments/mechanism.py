@@ -260,5 +260,6 @@ def run_mechanism_study(profile: Profile, parts: Sequence[str] = ("maps", "adapt
             Study(profile).prepare_data()
         run_mechanism(profile, out)
     if "adapters" in parts:
-        run_adapter_blocks(source, out, profile.mechanism_seeds, f"python -m bwl mechanism --profile {profile.name}")
+        run_adapter_blocks(source, out, profile.mechanism_seeds,
+                           f"python -m bwl mechanism --profile {profile.name} --parts adapters")
     return out
