@@ -202,3 +202,11 @@ def test_the_combination_notebook_runs_every_method_on_the_smoke_profile_and_wri
     before = {f: f.stat().st_mtime_ns for f in (out / "leaderboard.csv", *files.values())}
     run_combine(profile)  # a rerun trains, merges and renders nothing
     assert all(f.stat().st_mtime_ns == t for f, t in before.items() if f.suffix == ".safetensors")
+
+
+def test_a_missing_sweep_names_the_key_that_replaces_it(tmp_path):
+    from bwl.study.experiments.methods import best_single_block
+
+    with pytest.raises(FileNotFoundError, match=r"sweep.csv: no block sweep; run `python -m bwl sweep` first, or set "
+                                                r"combine_block"):
+        best_single_block(tmp_path / "sweep.csv", "combine_block")

@@ -62,7 +62,7 @@ def merge_label(identity_weight: float, style_weight: float) -> str:
 
 def methods(profile: Profile) -> tuple[Method, ...]:
     """The study's methods, in the leaderboard's order (block-wise LoRA first, the reference)."""
-    block = profile.combine_block or best_single_block(profile.figures / "sweep.csv")
+    block = profile.combine_block or best_single_block(profile.figures / "sweep.csv", "combine_block")
     zip_steps = profile.combine_zip_steps
     full_id, full_style = (identity("lora"), 1.0), (style("lora"), 1.0)
     return (

@@ -50,10 +50,11 @@ from bwl.train.run import TrainingRun
 SELECTIONS = ("all", "upper", "middle", "bottom")  # the style's blocks, before the sweep's best single block
 
 
-def best_single_block(sweep_csv: Path) -> str:
-    """The single paper block whose style scores the highest identity + style fidelity in the block sweep."""
+def best_single_block(sweep_csv: Path, key: str = "methods_block") -> str:
+    """The single paper block whose style scores the highest identity + style fidelity in the block sweep (``key``:
+    the profile key that names a block instead, for the error)."""
     if not sweep_csv.exists():
-        raise FileNotFoundError(f"{sweep_csv}: no block sweep; run `python -m bwl sweep` first, or set methods_block")
+        raise FileNotFoundError(f"{sweep_csv}: no block sweep; run `python -m bwl sweep` first, or set {key}")
     singles = [r for r in read_sweep(sweep_csv) if r.spec in PAPER_BLOCKS]  # any layout's single blocks
     return max(singles, key=lambda r: r.identity.mean + r.style.mean).spec
 
