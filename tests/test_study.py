@@ -317,3 +317,21 @@ def test_a_single_image_cell_shows_n_1_not_nan():
 
     assert str(mean_ci([0.5])) == "0.50 (n = 1)"
     assert str(mean_ci([0.5, 0.7])).startswith("0.60 ± ")
+
+
+def test_a_cell_drops_its_adapters_without_peft_warning_about_the_resident_ones(tmp_path):
+    import warnings
+
+    from bwl.study.design.vocabulary import BLOCKWISE_INFERENCE, cell
+
+    study = smoke(tmp_path)
+    study.prepare_data()
+    keys = [identity("locon"), style("locon")]
+    study.train_all(keys)
+    renderer = study.renderer(keys, resident=[style("locon")])
+    blockwise = cell(BLOCKWISE_INFERENCE, (identity("locon"), 1.0), (style("locon"), "upper"))
+    with warnings.catch_warnings():  # the identity is the only active adapter outside upper when it is dropped
+        warnings.filterwarnings("error", message="Adapter .* was active")
+        key, generated = renderer.render(blockwise, ["zkc, qrv, sky background"], [0])
+    assert generated and [str(style("locon"))] == sorted({n for names in renderer.pipe.get_list_adapters().values()
+                                                           for n in names})

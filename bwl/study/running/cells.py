@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -168,7 +169,9 @@ class CellRenderer:
         seconds = time.perf_counter() - started
         transient = [str(k) for k in cell.weights if k not in self.resident]
         if transient:
-            self.pipe.delete_adapters(transient)
+            with warnings.catch_warnings():  # peft names a new active adapter per layer; the next cell sets its own
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                self.pipe.delete_adapters(transient)
         scores = self._score(self.scorer, cell, images, prompts, seeds)
         description = {"cell": cell.label, "adapters": {k: str(w) for k, w in cell.named_weights().items()},
                        "mode": cell.mode, "seconds": round(seconds, 2),
