@@ -5,68 +5,14 @@ and whether the verdict after Holm carries over from the first architecture to t
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from bwl.core.atomic import finish_figure, write_csv, write_text
-from bwl.study.scoring.headline import TOY_READINGS
-
-GROUPS = ("C1", "C2", "C3", "interference")
-DECIDING = {"interference": ("preservation",)}  # the metrics a group's verdict is decided on (the claims: these two)
-CLAIM_METRICS = ("identity", "style")
-ALL_METRICS = (*CLAIM_METRICS, "preservation")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One comparison on one architecture, from the probes' pooled reading: the effect and 95 % CI on each deciding
-    metric."""
-
-    effects: dict[str, tuple[float, float, float]]
-    verdict: str
-    holm: str
-    replicates_same: int
-    replicates: int
-    robust: bool  # every toy instrument gives the same verdict
-
-    def intervals(self) -> str:
-        return "; ".join(f"{m} {e:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, (e, lo, hi) in self.effects.items())
-
-    def summary(self) -> str:
-        agreement = "robust" if self.robust else "instrument-dependent"
-        return f"{self.verdict} {self.replicates_same}/{self.replicates}, Holm {self.holm}, {agreement}"
-
-
-Comparison = tuple[str, str, str, str]  # group, grid, cell, vs
-
-
-def verdicts(rows: list[dict]) -> dict[Comparison, Verdict]:
-    """Each comparison of a ``replicate.csv`` (its rows as dicts), on its deciding metric."""
-    pooled = {(r["group"], r["grid"], r["cell"], r["vs"], r["reading"], r["metric"]): r for r in rows
-              if r["pair"] == "pooled"}
-    found = {}
-    for key in dict.fromkeys(k[:4] for k in pooled if k[0] in GROUPS):
-        metrics = DECIDING.get(key[0], CLAIM_METRICS)
-        if any((*key, "probes", m) not in pooled for m in metrics):
-            continue
-        effects = {m: tuple(float(pooled[(*key, "probes", m)][f]) for f in ("effect", "low", "high")) for m in metrics}
-        probes = pooled[(*key, "probes", metrics[-1])]
-        readings = {pooled[(*key, r, metrics[-1])]["row_verdict"] for r in TOY_READINGS
-                    if (*key, r, metrics[-1]) in pooled}
-        found[key] = Verdict(effects, probes["row_verdict"], probes["row_verdict_holm"],
-                             int(probes["replicates_same_verdict"] or 0), int(probes["replicates"]), len(readings) == 1)
-    return found
-
-
-def read_verdicts(replicate_csv: Path) -> dict[Comparison, Verdict]:
-    if not replicate_csv.exists():
-        raise FileNotFoundError(f"{replicate_csv}: no replicated study; run `python -m bwl replicate` for its profile")
-    with open(replicate_csv, newline="") as f:
-        return verdicts(list(csv.DictReader(f)))
+from bwl.study.scoring.headline import Comparison, Verdict, read_verdicts
+from bwl.study.scoring.pooled import ROLES
 
 
 def _slug(label: str) -> str:
@@ -94,7 +40,7 @@ def side_by_side(architectures: Mapping[str, dict[Comparison, Verdict]]) -> tupl
         one, two = first.get(key), second.get(key)
         row = {"group": group, "grid": grid, "cell": cell, "vs": vs, "carries_over": carries_over(one, two)}
         for label, found in ((_slug(a), one), (_slug(b), two)):
-            for metric in ALL_METRICS:
+            for metric in (m.value for m in ROLES):
                 for i, field in enumerate(("effect", "low", "high")):
                     row[f"{label}_{metric}_{field}"] = found.effects[metric][i] if found and metric in \
                         found.effects else ""
@@ -109,7 +55,7 @@ def side_by_side(architectures: Mapping[str, dict[Comparison, Verdict]]) -> tupl
 def side_by_side_figure(architectures: Mapping[str, dict[Comparison, Verdict]], out: Path | None = None) -> Figure:
     """Per deciding metric, each comparison's pooled effect and 95 % CI on every architecture (one color each)."""
     keys = list(dict.fromkeys(k for found in architectures.values() for k in found))
-    metrics = list(dict.fromkeys(m for k in keys for m in DECIDING.get(k[0], CLAIM_METRICS)))
+    metrics = list(dict.fromkeys(m for found in architectures.values() for v in found.values() for m in v.effects))
     fig = Figure(figsize=(4.2 * len(metrics) + 4, 0.42 * len(keys) + 1.4))
     axes = fig.subplots(1, len(metrics), squeeze=False, sharey=True)[0]
     for i, (label, found) in enumerate(architectures.items()):
