@@ -27,7 +27,7 @@ demo: setup
 # Lint, unit tests (tests/test_layers.py checks the layering), then the notebooks against the outputs committed from
 # an earlier smoke run (nbval, lax mode).
 test: setup
-	$(VENV)/bin/ruff check bwl tests benchmarks
+	$(VENV)/bin/ruff check bwl tests benchmarks notebooks
 	$(PY) -m pytest -q tests
 	rm -rf runs/smoke
 	$(PY) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/01_data_preparation.ipynb notebooks/02_training.ipynb notebooks/03_ablation_grids.ipynb notebooks/04_figures.ipynb
