@@ -185,6 +185,7 @@ def test_the_combination_notebook_runs_every_method_on_the_smoke_profile_and_wri
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
     assert [r["method"] for r in rows] == labels and rows[0]["method"] == REFERENCE
     assert {r["method"]: r["one_file"] for r in rows}["K-LoRA"] == "no"
+    assert {r["method"]: r["behind_merge"] for r in rows}["merge 1/0.5"] == "–"  # a point of the curve itself
     assert {r["method"]: r["optimization_steps"] for r in rows}["ZipLoRA"] == "3"
     assert all(float(r["time_vs_plain_merge"]) > 0 for r in rows)  # every cell was generated here, and timed
     assert {r["cell"] for r in csv.DictReader((out / "comparisons.csv").open())} == set(labels) - {REFERENCE}
@@ -200,8 +201,12 @@ def test_the_combination_notebook_runs_every_method_on_the_smoke_profile_and_wri
     assert config["joint_dir"].endswith("style") and config["joint_trigger"] == "qrv"
     assert joint("lora").concept is Concept.BOTH and len(combine_grid(profile).columns()) == len(labels) + 3
     before = {f: f.stat().st_mtime_ns for f in (out / "leaderboard.csv", *files.values())}
-    run_combine(profile)  # a rerun trains, merges and renders nothing
+    run_combine(profile)  # a rerun trains, merges and renders nothing, and adds its minutes to the first run's
     assert all(f.stat().st_mtime_ns == t for f, t in before.items() if f.suffix == ".safetensors")
+    record = json.loads((out / "config.json").read_text())
+    assert len(record["run_minutes"]) == 2 and record["minutes"] == round(sum(record["run_minutes"]), 1)
+    run_combine(load_profile("smoke", {**overrides, "seeds": [1]}))  # another design starts its own record
+    assert len(json.loads((out / "config.json").read_text())["run_minutes"]) == 1
 
 
 def test_a_missing_sweep_names_the_key_that_replaces_it(tmp_path):
@@ -210,3 +215,13 @@ def test_a_missing_sweep_names_the_key_that_replaces_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"sweep.csv: no block sweep; run `python -m bwl sweep` first, or set "
                                                 r"combine_block"):
         best_single_block(tmp_path / "sweep.csv", "combine_block")
+
+
+def test_a_method_is_behind_the_merge_where_some_weights_give_at_least_its_identity_and_style():
+    from bwl.study.experiments.combine_tables import behind_merge
+
+    curve = [{"method": "merge 1/1", "identity": 0.76, "style": 0.43},
+             {"method": "merge 0.75/1", "identity": 0.54, "style": 0.52}]
+    assert behind_merge({"identity": 0.45, "style": 0.27}, curve) == "merge 1/1"  # smaller margins 0.16 vs 0.09
+    assert behind_merge({"identity": 0.40, "style": 0.50}, curve) == "merge 0.75/1"  # 1/1 has less style
+    assert behind_merge({"identity": 0.86, "style": 0.01}, curve) == "no"

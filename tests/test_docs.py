@@ -22,7 +22,8 @@ HEADLINE = ROOT / "figures" / "replicate" / "headline.md"
 NUMBERS_FROM = re.compile(r"<!--\s*numbers from:(.*?)-->", re.S)
 INCLUDE = re.compile(r"```\{(?:include|literalinclude)\}\s+(\S+)")
 IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
-DECIMAL = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*\.\d+(?!\w|\.\d)")  # not a version (2.13.0), not in a word
+# Not a version (2.13.0), not in a word; a ratio's "x" (1.89x) is not a word.
+DECIMAL = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*\.\d+(?!(?!x\b)\w|\.\d)")
 # Names and settings that look like measurements: the arXiv id, the Python floor, a speed target, SD 1.4, CC BY 4.0.
 NOT_MEASURED = {"2403.07500", "3.10", "1.5", "1.4", "4.0"}
 
@@ -78,6 +79,7 @@ def test_the_checker_catches_a_retyped_number(tmp_path):
     page.write_text("<!-- numbers from: table.md -->\nThe style falls by −0.43.\n")
     assert number(DECIMAL.findall(prose(page.read_text()))[0]) not in source_numbers(sources(page))
     assert DECIMAL.findall(prose("torch 2.13.0, `0.5`, [a](x/1.5.png)")) == []
+    assert DECIMAL.findall("1.89x the time, 2.5xl") == ["1.89"]
 
 
 def test_the_readme_headline_table_is_the_replicated_studys():

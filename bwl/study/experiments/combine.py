@@ -22,6 +22,7 @@ plot, the forest plot of every method against block-wise LoRA, and ``comparisons
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -133,7 +134,10 @@ def run_combine(profile: Profile, log: Log = log) -> Path:
     if is_main():
         out = write_combine(profile, methods(profile), comparison_rows(profile), cells, seconds,
                             minutes=(time.time() - started) / 60)
-        log(f"combine: {len(runs)} replicates in {(time.time() - started) / 60:.1f} min; {out}")
+        record = json.loads((out.parent / "config.json").read_text())
+        earlier = f" ({record['minutes']} min over {len(record['run_minutes'])} runs)" if len(
+            record["run_minutes"]) > 1 else ""
+        log(f"combine: {len(runs)} replicates in {(time.time() - started) / 60:.1f} min{earlier}; {out}")
     barrier()
     return out
 

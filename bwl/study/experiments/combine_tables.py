@@ -10,6 +10,7 @@ every method and metric of one instrument.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,7 +91,22 @@ def leaderboard(profile: Profile, methods: Sequence[Method], rows: Sequence[Row]
                    "optimization_steps": m.optimization_steps, "time_vs_plain_merge": time_ratio(seconds, m.label),
                    "one_file": "yes" if m.one_file else "no"}
         found.append(values)
+    on_curve = [m.tuned_merge or m.label == FULL_ID_FULL_STYLE for m in methods]
+    curve = [values for values, on in zip(found, on_curve) if on]
+    for values, on in zip(found, on_curve):
+        values["behind_merge"] = "–" if on else behind_merge(values, curve)
     return found
+
+
+def behind_merge(values: dict, curve: Sequence[dict]) -> str:
+    """The merge weights whose pooled identity and style are both at least this method's (point estimates): the
+    point of the merge's curve that gives as much of both by re-weighting alone (the one with the largest smaller
+    margin), or "no" when none does."""
+    identity, style = Metric.IDENTITY.value, Metric.STYLE.value
+    margins = {point["method"]: min(point[identity] - values[identity], point[style] - values[style])
+               for point in curve}
+    ahead = {label: margin for label, margin in margins.items() if margin >= 0}
+    return max(ahead, key=ahead.get) if ahead else "no"
 
 
 def leaderboard_markdown(board: Sequence[dict], replicates: int, command: str) -> str:
@@ -98,16 +114,18 @@ def leaderboard_markdown(board: Sequence[dict], replicates: int, command: str) -
     lines = [f"{replicates} replicates (identity-style pairs x training seeds); fidelities are the probes' pooled mean "
              "over pairs, seeds and images [95 % CI]; the verdict is each method against block-wise LoRA (full ID + "
              "upper-trained style) on identity and style, by the pooled paired CIs, after Holm over every method and "
-             f"metric, the count of replicates agreeing, and whether every toy instrument agrees. `{command}`.", "",
+             "metric, the count of replicates agreeing, and whether every toy instrument agrees; *behind the merge* "
+             "names the merge weights (identity/style) that give at least the method's identity and style (point "
+             f"estimates), if any. `{command}`.", "",
              "| method | identity | style | preservation | prompt | vs block-wise LoRA | after Holm | replicates | "
-             "instruments | training steps | extra steps | time vs merge | one file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "instruments | behind the merge | training steps | extra steps | time vs merge | one file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in board:
         fid = [f"{r[m.value]:.2f} [{r[f'{m.value}_low']:.2f}, {r[f'{m.value}_high']:.2f}]"
                if not math.isnan(r[m.value]) else "–" for m in SHOWN]
         ratio = f"{r['time_vs_plain_merge']:.2f}x" if not math.isnan(r["time_vs_plain_merge"]) else "–"
         lines.append(f"| {r['method']} | " + " | ".join(fid) + f" | {r['verdict']} | {r['verdict_holm']} | "
-                     f"{r['replicates_agreeing']} | {r['instruments']} | {r['training_steps']} | "
+                     f"{r['replicates_agreeing']} | {r['instruments']} | {r['behind_merge']} | {r['training_steps']} | "
                      f"{r['optimization_steps']} | {ratio} | {r['one_file']} |")
     return "\n".join(lines) + "\n"
 
@@ -145,6 +163,17 @@ def pareto_figure(methods: Sequence[Method], cells: Sequence[ReplicateCells], gr
     return finish_figure(fig, out)
 
 
+def earlier_runs(config: Path, design: dict) -> list[float]:
+    """The wall minutes of the earlier runs recorded in ``config`` for the same design: a run that resumes or reuses
+    adds its own minutes to theirs, so the record keeps the time the results took (``[]`` for another design)."""
+    if not config.exists():
+        return []
+    recorded = json.loads(config.read_text())
+    if any(recorded.get(k) != v for k, v in design.items()):
+        return []
+    return list(recorded.get("run_minutes", [recorded["minutes"]] if "minutes" in recorded else []))
+
+
 def write_combine(profile: Profile, methods: Sequence[Method], rows: Sequence[Row], cells: Sequence[ReplicateCells],
                   seconds: dict[tuple[str, int], dict[str, float]], minutes: float, grid: str = "combine") -> Path:
     """``figures/combine/``: ``leaderboard.md``/``.csv``, ``comparisons.csv``, ``pareto.png``, ``forest.png`` and
@@ -159,9 +188,9 @@ def write_combine(profile: Profile, methods: Sequence[Method], rows: Sequence[Ro
         group = rows[0].group
         forest_figure(decided, group, out=out / "forest.png", rows=rows)
     pareto_figure(methods, cells, grid, out / "pareto.png")
-    write_json(out / "config.json", {"profile": profile.name, "pairs": sorted({c.pair for c in cells}),
-                                     "train_seeds": sorted({c.seed for c in cells}), "prompts": profile.prompts,
-                                     "seeds": profile.seeds, "methods": [m.label for m in methods],
-                                     "modes": {m.label: m.cell.mode for m in methods if m.cell.mode},
-                                     "minutes": round(minutes, 1), "command": command})
+    design = {"profile": profile.name, "pairs": sorted({c.pair for c in cells}),
+              "train_seeds": sorted({c.seed for c in cells}), "prompts": profile.prompts, "seeds": profile.seeds,
+              "methods": [m.label for m in methods], "modes": {m.label: m.cell.mode for m in methods if m.cell.mode}}
+    runs = [*earlier_runs(out / "config.json", design), round(minutes, 1)]
+    write_json(out / "config.json", {**design, "minutes": round(sum(runs), 1), "run_minutes": runs, "command": command})
     return write_text(out / "leaderboard.md", leaderboard_markdown(board, len(cells), command))
