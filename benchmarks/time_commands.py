@@ -55,6 +55,8 @@ def main() -> None:
         clone = Path(tmp) / "bwl"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+        if (ROOT.parent / "shared").is_dir():  # as CI has it: the photos beside the clone
+            (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")
         env = {**os.environ, **dict(item.split("=", 1) for item in args.env)}
         if args.target == "study":
             env.update(PYTHONPATH=str(clone), PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
