@@ -36,9 +36,12 @@ def test_killed_pretraining_resumes_to_the_same_model(tmp_path, monkeypatch):
     interrupted = tiny_config(tmp_path, "interrupted")
     save_checkpoint = pretrain_module._checkpoint
 
-    def crash_after_step_two(stage_dir, modules, optimizer, scheduler, step):
-        save_checkpoint(stage_dir, modules, optimizer, scheduler, step)
+    killed_at = {}
+
+    def crash_after_step_two(stage_dir, modules, optimizer, scheduler, step, minutes=0.0):
+        save_checkpoint(stage_dir, modules, optimizer, scheduler, step, minutes)
         if stage_dir.name == "unet" and step == 2:
+            killed_at["minutes"] = minutes
             raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(pretrain_module, "_checkpoint", crash_after_step_two)
@@ -52,6 +55,9 @@ def test_killed_pretraining_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     record = json.loads((tmp_path / "interrupted" / "model" / "pretrain.json").read_text())
     assert [s["resumed_unet_at"] for s in record["sessions"]] == [2]
+    session = record["sessions"][0]  # the killed run's minutes, up to its last checkpoint, count in the record
+    assert killed_at["minutes"] > 0 and session["minutes"]["interrupted_runs"] == round(killed_at["minutes"], 1)
+    assert session["minutes_through"] > killed_at["minutes"]
 
 
 def test_raising_the_step_count_extends_the_record(tmp_path):

@@ -131,20 +131,26 @@ def toy_sdxl_text_encoders(vocab_size: int) -> tuple[CLIPTextModel, CLIPTextMode
                                                        num_hidden_layers=3, projection_dim=XL_TEXT[1], **common)))
 
 
-def _resume(stage_dir: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> int:
+def _resume(stage_dir: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler) -> tuple[int, float]:
+    """The step of the stage's last checkpoint (0 without one) and the minutes recorded in it (see
+    :func:`_checkpoint`), its state loaded into ``modules``, ``optimizer`` and ``scheduler``."""
     found = latest(stage_dir)
     if not found:
-        return 0
-    tensors, step, _ = load_state(found[-1], optimizer, scheduler)
+        return 0, 0.0
+    tensors, step, metadata = load_state(found[-1], optimizer, scheduler)
     for prefix, module in modules.items():
         module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
     print(f"resumed {stage_dir.name} at step {step} from {found[-1].name}", flush=True)
-    return step
+    return step, float(metadata.get("minutes", 0.0))
 
 
-def _checkpoint(stage_dir: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler, step: int) -> None:
+def _checkpoint(stage_dir: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler, step: int,
+                minutes: float = 0.0) -> None:
+    """Save the stage's state with ``minutes``: the wall minutes every run of ``pretrain`` has spent to reach it, so
+    that a run killed between checkpoints still counts up to its last one."""
     tensors = {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()}
-    save_state(stage_dir / f"checkpoint-{step:07d}.safetensors", tensors, optimizer, scheduler, step)
+    save_state(stage_dir / f"checkpoint-{step:07d}.safetensors", tensors, optimizer, scheduler, step,
+               {"minutes": f"{minutes:.3f}"})
     for old in latest(stage_dir)[:-2]:
         old.unlink()
 
@@ -161,7 +167,7 @@ def train_vae(config: PretrainConfig) -> AutoencoderKL:
     vae = toy_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=50, num_training_steps=config.vae_steps)
-    start = _resume(stage, {"vae": vae}, optimizer, scheduler)
+    start, _ = _resume(stage, {"vae": vae}, optimizer, scheduler)
     t0 = time.time()
     for step in range(start, config.vae_steps):
         rng = np.random.default_rng([config.seed, 1, step])
@@ -205,8 +211,11 @@ def encode_dataset(vae: AutoencoderKL, config: PretrainConfig) -> tuple[torch.Te
     return torch.cat(means), torch.cat(stds), characters
 
 
-def train_unet(config: PretrainConfig, vae: AutoencoderKL):
-    """Stage 2: U-Net + text encoder, epsilon prediction on SD1's schedule, min-SNR weighted, 10 % empty captions."""
+def train_unet(config: PretrainConfig, vae: AutoencoderKL, started: float | None = None):
+    """Stage 2: U-Net + text encoder, epsilon prediction on SD1's schedule, min-SNR weighted, 10 % empty captions.
+    Returns the modules, the tokenizer, the step it resumed at and the minutes its checkpoint recorded; each checkpoint
+    records those minutes plus this run's since ``started``."""
+    started = time.time() if started is None else started
     stage = Path(config.work_dir) / "unet"
     tokenizer = word_tokenizer(vocabulary(), max_length=TEXT_LENGTH)
     torch.manual_seed(config.seed + 1)
@@ -220,7 +229,7 @@ def train_unet(config: PretrainConfig, vae: AutoencoderKL):
     params = list(unet.parameters()) + [p for e in encoders.values() for p in e.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=config.unet_steps)
-    start = _resume(stage, {"unet": unet, **encoders}, optimizer, scheduler)
+    start, carried = _resume(stage, {"unet": unet, **encoders}, optimizer, scheduler)
     noise_scheduler = DDPMScheduler(
         **{k: v for k, v in SD1_SCHEDULE.items() if k not in ("set_alpha_to_one", "skip_prk_steps")}
     )
@@ -252,8 +261,9 @@ def train_unet(config: PretrainConfig, vae: AutoencoderKL):
                 flush=True,
             )
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
-            _checkpoint(stage, {"unet": unet, **encoders}, optimizer, scheduler, step + 1)
-    return unet.eval(), {name: e.eval() for name, e in encoders.items()}, tokenizer, start
+            _checkpoint(stage, {"unet": unet, **encoders}, optimizer, scheduler, step + 1,
+                        carried + (time.time() - started) / 60)
+    return unet.eval(), {name: e.eval() for name, e in encoders.items()}, tokenizer, start, carried
 
 
 def pretrain(config: PretrainConfig) -> Path:
@@ -267,7 +277,7 @@ def pretrain(config: PretrainConfig) -> Path:
     started = time.time()
     vae = train_vae(config)
     vae_minutes = (time.time() - started) / 60
-    unet, encoders, tokenizer, unet_start = train_unet(config, vae)
+    unet, encoders, tokenizer, unet_start, carried = train_unet(config, vae, started)
     if config.architecture == "sdxl":  # the empty caption was trained as the unconditional one: no zeroed negative
         pipe = StableDiffusionXLPipeline(
             vae=vae, unet=unet, tokenizer=tokenizer, tokenizer_2=tokenizer, **encoders,
@@ -282,10 +292,14 @@ def pretrain(config: PretrainConfig) -> Path:
     record_path = model_dir / "pretrain.json"
     sessions = _sessions(record_path)
     pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
+    minutes = (time.time() - started) / 60
+    interrupted = max(0.0, carried - (sessions[-1].get("minutes_through", 0.0) if sessions else 0.0))
     sessions.append({
         "config": dataclasses.asdict(config),
         "resumed_unet_at": unet_start,
-        "minutes": {"vae": round(vae_minutes, 1), "total": round((time.time() - started) / 60, 1)},
+        "minutes": {"vae": round(vae_minutes, 1), "total": round(minutes + interrupted, 1),
+                    "interrupted_runs": round(interrupted, 1)},
+        "minutes_through": round(carried + minutes, 3),
         "threads": torch.get_num_threads(),
     })
     write_json(record_path, {
