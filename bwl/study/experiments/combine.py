@@ -135,8 +135,8 @@ def run_combine(profile: Profile, log: Log = log) -> Path:
         out = write_combine(profile, methods(profile), comparison_rows(profile), cells, seconds,
                             minutes=(time.time() - started) / 60)
         record = json.loads((out.parent / "config.json").read_text())
-        earlier = f" ({record['minutes']} min over {len(record['run_minutes'])} runs)" if len(
-            record["run_minutes"]) > 1 else ""
+        runs_of_design = record["run_minutes"]
+        earlier = f" ({record['minutes']} min over {len(runs_of_design)} runs)" if len(runs_of_design) > 1 else ""
         log(f"combine: {len(runs)} replicates in {(time.time() - started) / 60:.1f} min{earlier}; {out}")
     barrier()
     return out
