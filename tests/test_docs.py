@@ -171,3 +171,28 @@ def test_the_tracked_tree_fits_a_gpu_checks_transfer():
     total = sum(f.stat().st_size for f in files if f.is_file())
     largest = sorted(files, key=lambda f: f.stat().st_size if f.is_file() else 0)[-3:]
     assert total < 48 * 2**20, f"tracked files: {total / 2**20:.1f} MiB; largest: {[str(f) for f in largest]}"
+
+
+def test_figures_are_palette_pngs_that_look_like_the_render(tmp_path):
+    """Plots are written with at most 256 colours (a third of the bytes) and stay within a grey level of the render."""
+    import io
+
+    import numpy as np
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from bwl.core.atomic import finish_figure
+
+    figure = Figure(figsize=(4, 3))
+    axes = figure.subplots()
+    for k in range(6):
+        axes.errorbar(np.arange(5), np.sin(np.arange(5) + k), yerr=0.2, label=f"line {k}")
+    axes.legend()
+    axes.set_title("a forest plot's kind of figure")
+    finish_figure(figure, tmp_path / "plot.png")
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format="png", dpi=110)
+    written = Image.open(tmp_path / "plot.png")
+    assert written.mode == "P" and (tmp_path / "plot.png").stat().st_size < len(rendered.getvalue())
+    difference = np.abs(np.asarray(written.convert("RGB"), float) - np.asarray(Image.open(rendered).convert("RGB")))
+    assert difference.mean() < 1.0

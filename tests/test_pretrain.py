@@ -1,6 +1,8 @@
 """Pretraining the micro SD resumes from its checkpoints: an interrupted run ends where an uninterrupted one does."""
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,13 @@ def test_the_sdxl_shaped_toy_pretrains_reusing_the_sd_toys_vae_and_loads_as_sdxl
     same = load_file(next((Path(sd.model_dir) / "vae").glob("*.safetensors")))
     assert all(torch.equal(v, load_file(next((Path(config.model_dir) / "vae").glob("*.safetensors")))[k])
                for k, v in same.items())
+    link = Path(config.model_dir) / "vae"  # one copy of the shared VAE: a relative link, as in data/toy-sdxl
+    assert link.is_symlink() and not Path(os.readlink(link)).is_absolute()
+    assert link.resolve() == (Path(sd.model_dir) / "vae").resolve()
+    sd_vae = {f.name: f.read_bytes() for f in (Path(sd.model_dir) / "vae").iterdir()}
+    pretrain(dataclasses.replace(config, unet_steps=3))  # saving again never writes through the link
+    assert {f.name: f.read_bytes() for f in (Path(sd.model_dir) / "vae").iterdir()} == sd_vae
+    assert link.is_symlink()
     image = pipe("circle, red, tophat", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
     record = json.loads((Path(config.model_dir) / "pretrain.json").read_text())

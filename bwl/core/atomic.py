@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from PIL import Image
 
 
 @contextmanager
@@ -70,11 +73,21 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
     return Path(path)
 
 
+def palette_png(image: Image.Image) -> bytes:
+    """``image`` as a PNG of at most 256 colours: a plot or a toy image has far fewer distinct colours than pixels, so
+    it looks the same at about a third of the bytes, which keeps the committed figures small."""
+    buffer = io.BytesIO()
+    image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
 def finish_figure(figure, path: str | Path | None = None):
-    """Lay out a matplotlib figure and, when ``path`` is given, write it there as a PNG at 110 dpi (atomically);
-    returns the figure."""
+    """Lay out a matplotlib figure and, when ``path`` is given, write it there as a palette PNG (:func:`palette_png`)
+    at 110 dpi, atomically; returns the figure."""
     figure.tight_layout()
     if path is not None:
+        rendered = io.BytesIO()
+        figure.savefig(rendered, format="png", dpi=110)
         with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=110)
+            tmp.write_bytes(palette_png(Image.open(rendered)))
     return figure

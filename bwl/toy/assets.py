@@ -21,6 +21,7 @@ from bwl.train.checkpoint import latest
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 TOY_MODEL = DATA / "toy-sd"
+TOY_SDXL_MODEL = DATA / "toy-sdxl"  # the second architecture: python -m bwl pretrain --architecture sdxl
 PROBE_PATH = DATA / "toy-probe.safetensors"
 
 

@@ -9,14 +9,17 @@ safetensors) to ``data/toy-sd`` and loads through the same ``from_pretrained`` p
 (three levels, no attention in the first, deeper transformer stacks below), two text encoders whose penultimate
 hidden states are concatenated, the second's pooled embedding and the size ids (``add_time_ids``), conditioned
 exactly as ``StableDiffusionXLPipeline`` conditions it (:class:`bwl.train.conditioning.TextCache`). It reuses the SD
-toy's VAE (``vae_from``), so both models share one latent space, and it loads with
-``StableDiffusionXLPipeline.from_pretrained`` as SDXL base does.
+toy's VAE (``vae_from``), so both models share one latent space: its ``vae`` folder is a relative link to
+``data/toy-sd/vae`` rather than a second copy. It loads with ``StableDiffusionXLPipeline.from_pretrained`` as SDXL
+base does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bwl.core.atomic import write_json
@@ -116,10 +120,10 @@ XL_TEXT = (32, 64)  # the two text encoders' widths (SDXL: 768, 1280); the U-Net
 
 
 def toy_sdxl_unet() -> torch.nn.Module:
-    """SDXL's layout at toy size (4.1 M parameters, the SD toy's 6.0 M): levels of 32, 64 and 80 channels (16, 8 and
+    """SDXL's layout at toy size (2.7 M parameters, the SD toy's 6.0 M): levels of 32, 48 and 64 channels (16, 8 and
     4 latent pixels), no attention in the first, one transformer layer per attention in the second and two in the
     third and the middle (SDXL: none, 2, 10), 8-channel heads."""
-    return sdxl_unet((32, 64, 80), (1, 1, 2), (4, 8, 10), cross_attention_dim=sum(XL_TEXT), pooled_dim=XL_TEXT[1],
+    return sdxl_unet((32, 48, 64), (1, 1, 2), (4, 6, 8), cross_attention_dim=sum(XL_TEXT), pooled_dim=XL_TEXT[1],
                      addition_time_embed_dim=8, sample_size=16, norm_num_groups=16)
 
 
@@ -291,7 +295,11 @@ def pretrain(config: PretrainConfig) -> Path:
     model_dir = Path(config.model_dir)
     record_path = model_dir / "pretrain.json"
     sessions = _sessions(record_path)
+    if (model_dir / "vae").is_symlink():  # never write through a link into the model it points to
+        (model_dir / "vae").unlink()
     pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
+    if config.vae_from:
+        _link_vae(model_dir, Path(config.vae_from))
     minutes = (time.time() - started) / 60
     interrupted = max(0.0, carried - (sessions[-1].get("minutes_through", 0.0) if sessions else 0.0))
     sessions.append({
@@ -309,6 +317,18 @@ def pretrain(config: PretrainConfig) -> Path:
         "minutes": round(sum(s["minutes"]["total"] for s in sessions), 1),
     })
     return model_dir
+
+
+def _link_vae(model_dir: Path, vae_from: Path) -> None:
+    """Replace the saved copy of a reused VAE with a relative link to the pipeline it came from, after checking that
+    the copy holds the same weights (it does: both are fp16 safetensors of one module)."""
+    copy, source = model_dir / "vae", vae_from / "vae"
+    weights = "diffusion_pytorch_model.safetensors"
+    mine, theirs = load_file(copy / weights), load_file(source / weights)
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+        return
+    shutil.rmtree(copy)
+    copy.symlink_to(os.path.relpath(source.resolve(), model_dir.resolve()), target_is_directory=True)
 
 
 def _sessions(record_path: Path) -> list[dict]:

@@ -5,17 +5,30 @@ took and what it measured, read from the records each command wrote beside its o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors import safe_open
 
-from bwl.toy.assets import DATA, INSTRUMENTS, TOY_MODEL
+from bwl.toy.assets import DATA, INSTRUMENTS, TOY_MODEL, TOY_SDXL_MODEL
 from bwl.toy.encoder import TOY_CLIP
 
 
 def size_mb(path: Path) -> str:
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    return f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MB"
+    """The bytes a file or folder adds to the repository: a linked folder (toy-sdxl's shared VAE) counts nothing."""
+    files = [path] if path.is_file() else [Path(root) / name for root, _, names in os.walk(path) for name in names]
+    return f"{sum(f.stat().st_size for f in files if not f.is_symlink()) / 2**20:.1f} MB"
+
+
+def _model_row(model: Path, data: Path) -> str:
+    pretrain = json.loads((model / "pretrain.json").read_text())
+    sessions = ", ".join(f"{s['minutes']['total']} min to step {s['config']['unet_steps']}"
+                         for s in pretrain["sessions"])
+    shared = f"; its VAE is `{data.name}/{os.readlink(model / 'vae')}`" if (model / "vae").is_symlink() else ""
+    return (f"| `{model.relative_to(data.parent)}` | {size_mb(model)} | `{pretrain['command']}`{shared} | "
+            f"{pretrain['minutes']} min over {len(pretrain['sessions'])} recorded "
+            f"session{'s' if len(pretrain['sessions']) > 1 else ''} ({sessions}) | "
+            "the quality gates (the toy world page) |")
 
 
 def probe_report(path: Path) -> dict:
@@ -29,14 +42,10 @@ def _lowest(accuracy: dict[str, float]) -> str:
 
 
 def assets_markdown(data: Path = DATA) -> str:
-    pretrain = json.loads((TOY_MODEL / "pretrain.json").read_text())
-    sessions = ", ".join(f"{s['minutes']['total']} min to step {s['config']['unet_steps']}"
-                         for s in pretrain["sessions"])
     clip = json.loads((TOY_CLIP / "training.json").read_text())
+    models = [_model_row(model, data) for model in (TOY_MODEL, TOY_SDXL_MODEL) if (model / "pretrain.json").exists()]
     lines = ["| asset | size | made by | time recorded (2 CPU cores) | what it measured |", "|---|---|---|---|---|",
-             f"| `{TOY_MODEL.relative_to(data.parent)}` | {size_mb(TOY_MODEL)} | `{pretrain['command']}` | "
-             f"{pretrain['minutes']} min over {len(pretrain['sessions'])} recorded sessions ({sessions}) | "
-             "the quality gates (the toy world page) |",
+             *models,
              f"| `{TOY_CLIP.relative_to(data.parent)}` | {size_mb(TOY_CLIP)} | `{clip['command']}` | "
              f"{clip['minutes']} min | top-1 caption retrieval on seen concepts "
              f"{clip['retrieval_top1_fresh_seen']:.1%} |"]
