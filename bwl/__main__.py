@@ -238,7 +238,8 @@ def run_command(args: argparse.Namespace, cli: argparse.ArgumentParser) -> None:
     elif args.command == "gates":
         measured = measure_gates(args.profile, args.count)
         profile = load_profile(args.profile)
-        print(write_text(profile.figures / "gates.md", gates_markdown(measured)).read_text())
+        command = "python -m bwl gates" + (f" --profile {args.profile}" if args.profile != "toy" else "")
+        print(write_text(profile.figures / "gates.md", gates_markdown(measured, command)).read_text())
     elif args.command == "findings":
         print(findings_report(Study(load_profile(args.profile)).results()))
     elif args.command == "run":

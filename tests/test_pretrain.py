@@ -104,3 +104,23 @@ def test_the_sdxl_shaped_toy_pretrains_reusing_the_sd_toys_vae_and_loads_as_sdxl
     with pytest.raises(FileNotFoundError, match="vae_from='nowhere'"):
         pretrain(PretrainConfig(architecture="sdxl", vae_from="nowhere", work_dir=str(tmp_path / "w"),
                                 model_dir=str(tmp_path / "m")))
+
+
+def test_a_linked_vae_counts_in_the_models_fingerprint_as_a_copy_would(tmp_path):
+    """Cells and adapters are keyed by the base model's files: the SDXL toy's linked VAE is part of them."""
+    import shutil
+
+    from bwl.core.hashing import fingerprint
+
+    vae = tmp_path / "sd" / "vae"
+    vae.mkdir(parents=True)
+    (vae / "weights.safetensors").write_bytes(b"one")
+    for name in ("copied", "linked"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    shutil.copytree(vae, tmp_path / "copied" / "vae")
+    (tmp_path / "linked" / "vae").symlink_to("../sd/vae", target_is_directory=True)
+    assert fingerprint(tmp_path / "linked") == fingerprint(tmp_path / "copied")
+    before = fingerprint(tmp_path / "linked")
+    (vae / "weights.safetensors").write_bytes(b"two")
+    assert fingerprint(tmp_path / "linked") != before

@@ -123,3 +123,12 @@ def test_side_by_side_says_which_verdicts_carry_over(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bwl", "side-by-side", "--profiles", "replicate", "replicate",
                           "--out", str(tmp_path / "same")], capture_output=True, text=True, check=True).stdout
     assert "| no |" not in out and "| yes |" in out
+
+
+def test_the_gates_read_a_replicated_profiles_own_results_or_its_first_replicate(tmp_path):
+    from bwl.study.experiments.gates import gates_study
+
+    profile = load_profile("toy-xl", {"figures_dir": str(tmp_path)})
+    assert gates_study(profile).figures == tmp_path / "replicate" / "zkc-qrv-s0"
+    (tmp_path / "results.csv").write_text("grid,cell\n")
+    assert gates_study(profile).figures == tmp_path

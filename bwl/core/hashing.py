@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ def file_hash(path: str | Path) -> str:
 
 
 def fingerprint(folder: str | Path) -> str:
-    """A hash of a folder's files (names and bytes), so changed captions, images or weights mean a new run."""
+    """A hash of a folder's files (names and bytes), so changed captions, images or weights mean a new run. A linked
+    folder inside it (``data/toy-sdxl/vae``, the SD toy's VAE) counts with its files, as if copied there."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = (Path(root) / name for root, _, names in os.walk(folder, followlinks=True) for name in names)
+    for path in sorted(p for p in files if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

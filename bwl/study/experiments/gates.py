@@ -7,8 +7,9 @@ import numpy as np
 
 from bwl.sd.generate import generate
 from bwl.sd.pipeline import load_pipeline
-from bwl.study.design.profile import load_profile
+from bwl.study.design.profile import Profile, load_profile
 from bwl.study.design.vocabulary import BASE, FIDELITY, ID_ALONE, STYLE_ALONE
+from bwl.study.experiments.replicate import replicates
 from bwl.study.running.study import Study
 from bwl.study.scoring.metrics import Estimate
 from bwl.study.scoring.results import CellResult
@@ -41,9 +42,18 @@ def adapter_gates(results: list[CellResult]) -> dict[str, Estimate]:
     return out
 
 
+def gates_study(settings: Profile) -> Study:
+    """The study whose adapters the gates read: the profile's own (``python -m bwl run``) or, for a replicated profile
+    without one, its first replicate (``python -m bwl replicate``: the first pair and training seed)."""
+    study = Study(settings)
+    if settings.pairs and not (study.figures / "results.csv").exists():
+        return replicates(settings)[0].study
+    return study
+
+
 def gates(profile: str = "toy", count: int = 64) -> dict:
-    """All gates for a profile whose study has run."""
-    study = Study(load_profile(profile))
+    """All gates for a profile whose study has run (:func:`gates_study`)."""
+    study = gates_study(load_profile(profile))
     pipe = load_pipeline(study.model)
     accuracy = seen_prompt_accuracy(pipe, load_probe(PROBE_PATH), count=count)
     return {"seen_prompt_accuracy": accuracy, "adapters": adapter_gates(study.results()), "count": count}
