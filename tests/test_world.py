@@ -122,3 +122,36 @@ def test_texture_statistic_tracks_known_partial_coverage():
         for texture in TEXTURES:
             fit = texture_fit(render(Character(shape, color, "none", "round", texture, background), i))
             assert max(fit, key=fit.get) == texture, (shape, texture, fit)
+
+
+def test_sdxl_toy_loads_as_sdxl_base_does_and_draws_what_seen_prompts_ask():
+    """``data/toy-sdxl``: SDXL's layout at toy size, loaded by ``StableDiffusionXLPipeline.from_pretrained``, its
+    pretraining recorded, and the seen-prompt gate (the probe reads the attributes a full caption asks for) met as
+    ``python -m bwl gates`` measures it for ``data/toy-sd``."""
+    import json
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from bwl.sd.pipeline import load_pipeline
+    from bwl.study.experiments.gates import SEEN_TARGET, seen_prompt_accuracy
+    from bwl.toy.assets import PROBE_PATH, TOY_MODEL, TOY_SDXL_MODEL
+    from bwl.toy.probes import load_probe
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(TOY_SDXL_MODEL, torch_dtype=torch.float32, add_watermarker=False)
+    unet = pipe.unet
+    assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "CrossAttnDownBlock2D",
+                                                            "CrossAttnDownBlock2D"]
+    depths = [len(b.attentions[0].transformer_blocks) for b in unet.down_blocks[1:]]
+    assert depths[0] < depths[1], "deeper transformer stacks further down, as in SDXL"
+    assert unet.config.addition_embed_type == "text_time" and unet.config.cross_attention_dim == \
+        pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert (TOY_SDXL_MODEL / "vae").resolve() == (TOY_MODEL / "vae").resolve()  # the SD toy's VAE, one copy
+
+    record = json.loads((TOY_SDXL_MODEL / "pretrain.json").read_text())
+    assert record["command"] == "python -m bwl pretrain --architecture sdxl"
+    assert record["sessions"][-1]["config"]["unet_steps"] == 3600 and record["minutes"] > 0
+
+    sampled = load_pipeline(TOY_SDXL_MODEL)  # the gates' sampler (DPM++ 2M Karras), as python -m bwl gates loads it
+    accuracy = seen_prompt_accuracy(sampled, load_probe(PROBE_PATH), count=16)
+    assert accuracy["mean"] >= SEEN_TARGET and min(accuracy.values()) >= 0.75, accuracy
