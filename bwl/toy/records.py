@@ -24,7 +24,8 @@ def _model_row(model: Path, data: Path) -> str:
     pretrain = json.loads((model / "pretrain.json").read_text())
     sessions = ", ".join(f"{s['minutes']['total']} min to step {s['config']['unet_steps']}"
                          for s in pretrain["sessions"])
-    shared = f"; its VAE is `{data.name}/{os.readlink(model / 'vae')}`" if (model / "vae").is_symlink() else ""
+    vae = model / "vae"
+    shared = f"; its VAE is `{vae.resolve().relative_to(data.parent.resolve())}`" if vae.is_symlink() else ""
     return (f"| `{model.relative_to(data.parent)}` | {size_mb(model)} | `{pretrain['command']}`{shared} | "
             f"{pretrain['minutes']} min over {len(pretrain['sessions'])} recorded "
             f"session{'s' if len(pretrain['sessions']) > 1 else ''} ({sessions}) | "
