@@ -269,3 +269,43 @@ def test_two_runs_sharing_a_folder_train_each_adapter_once(tmp_path, tiny_dir):
     cells = list((tmp_path / "runs" / "cells").glob("*/scores.json"))
     generated = sum(int(n) for log in logs for n in re.findall(r"fig4b: \d+ cells, (\d+) generated", log))
     assert generated == len(cells), logs  # every cell generated once, by one run or the other
+
+
+def test_a_killed_runs_training_workers_end_with_it(tmp_path):
+    """Killing a run mid-training leaves no worker process behind, still training for nobody (Linux)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's (prctl)")
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, time
+        from concurrent.futures import ProcessPoolExecutor
+        from bwl.study.running.workers import _start_worker
+
+        def work(path):
+            open(path, "w").write(str(os.getpid()))
+            time.sleep(600)
+
+        if __name__ == "__main__":
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=(1,)) as pool:
+                pool.submit(work, {str(tmp_path / "pid")!r}).result()
+    """))
+    run = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+        assert time.time() < deadline and run.poll() is None, "the worker never started"
+        time.sleep(0.2)
+    worker = int((tmp_path / "pid").read_text())
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 20
+    while alive(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive(worker), f"worker {worker} outlived its killed run"

@@ -7,7 +7,11 @@ reuses it instead of training it again.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -48,9 +52,24 @@ def train_or_reuse(label: str, config: TrainConfig) -> bool:
 
 
 def _start_worker(threads: int, standalone: bool = False, gpu: int | None = None) -> None:
+    _end_with_parent()
     torch.set_num_threads(threads)
     if standalone:
         leave_launch(gpu)
+
+
+def _end_with_parent() -> None:
+    """On Linux, have the kernel end this worker when the run that started it dies (killed, or its session ended),
+    instead of training adapters for nobody beside the next run (``prctl(PR_SET_PDEATHSIG)``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before the call above
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def _summary(label: str, config: TrainConfig, trained: bool = True) -> str:
