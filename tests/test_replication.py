@@ -306,6 +306,9 @@ def test_the_replicated_study_runs_every_pair_and_seed_and_reuses_by_key(tmp_pat
     pooled = [r for r in rows if r["group"] == "C3" and r["pair"] == "pooled" and r["reading"] == "probes"]
     assert pooled and all(r["pairs"] == "2" and r["replicates"] == "4" for r in pooled)
     assert {r["pair"] for r in rows} == {"pooled", "zkc+qrv", "star+dots"}
+    text = (tmp_path / "figures" / "replicate" / "replicate.md").read_text()  # only fig4b ran: C3's rows alone
+    assert "| **C3** |" in text and "| C1 |" not in text and "****" not in text
+    assert "left out: fig2, fig3, fig4a's rows" in text
     trained = len(adapters)
     lines = []
     run_replicate(profile, lines.append)

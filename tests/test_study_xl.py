@@ -98,11 +98,14 @@ def test_side_by_side_says_which_verdicts_carry_over(tmp_path):
 
     with open("figures/replicate.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    flipped = ("C2", "fig4a", "full ID + upper style", "upper ID + full style")
+    uncertain = ("C2", "fig4a", "full ID + upper style", "upper ID + full style")  # the same verdict, not after Holm
+    flipped = ("C2", "fig4a", "full ID + upper style", "upper ID + upper style")  # another verdict
     xl = [r for r in rows if r["grid"] != "fig2"]  # SDXL's upper group holds no attention: no LoRA grid
     for r in xl:
-        if (r["group"], r["grid"], r["cell"], r["vs"]) == flipped:
+        if (r["group"], r["grid"], r["cell"], r["vs"]) == uncertain:
             r["row_verdict_holm"] = "tie"
+        if (r["group"], r["grid"], r["cell"], r["vs"]) == flipped:
+            r["row_verdict"], r["row_verdict_holm"] = "loses", "loses"
     with open(tmp_path / "xl.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -110,7 +113,8 @@ def test_side_by_side_says_which_verdicts_carry_over(tmp_path):
     table = write_side_by_side({"SD 1.x": Path("figures/replicate.csv"), "SDXL": tmp_path / "xl.csv"},
                                tmp_path / "architectures").read_text()
     lines = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in table.splitlines()[2:]}
-    assert lines[("C2", "fig4a", "full ID + upper style vs upper ID + full style")].endswith("| no |")
+    assert lines[("C2", "fig4a", "full ID + upper style vs upper ID + full style")].endswith("| before Holm |")
+    assert lines[("C2", "fig4a", "full ID + upper style vs upper ID + upper style")].endswith("| no |")
     assert lines[("C3", "fig4b", "full ID + upper style vs full ID + middle style")].endswith("| yes |")
     assert lines[("C1", "fig2", "full ID + upper-trained style vs full ID + full style")].endswith(
         "| not run | not run | not run |")

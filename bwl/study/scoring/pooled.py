@@ -191,10 +191,15 @@ def decide(cells: Sequence[ReplicateCells], resamples: int = 2000, rows: Sequenc
     return Decided(found, tuple(names), tuple(toy))
 
 
+def rows_run(decided: Decided, group: str) -> list[Row]:
+    """The group's rows that this study rendered under some reading (SDXL runs no LoRA grid: C1 is fig3's there)."""
+    return [r for r in ROWS if r.group == group and any(decided.verdict(r, n) != "–" for n in decided.names)]
+
+
 def group_verdict(decided: Decided, group: str, reading: str) -> str:
-    rows = [r for r in ROWS if r.group == group]
-    verdicts = [decided.verdict(r, reading) for r in rows]
-    return "–" if "–" in verdicts else claim_verdict_of(verdicts)
+    """A claim's verdict under one reading, over the rows the study rendered ("–" if this reading lacks one)."""
+    verdicts = [decided.verdict(r, reading) for r in rows_run(decided, group)]
+    return "–" if not verdicts or "–" in verdicts else claim_verdict_of(verdicts)
 
 
 def csv_rows(decided: Decided) -> list[dict]:
@@ -223,14 +228,17 @@ def markdown(decided: Decided, replicates: int, pairs: list[str], seeds: list[in
     names = decided.names
     lines = [f"{replicates} replicates: pairs {', '.join(pairs)} x training seeds {seeds}. Effects are cell minus "
              "the compared cell, per image, pooled over pairs, then seeds, then images, with a hierarchical "
-             f"bootstrap 95 % CI; p is Holm-adjusted over every row and metric of a reading. `{command}`.", "",
+             f"bootstrap 95 % CI; p is Holm-adjusted over every row and metric of a reading. `{command}`."
+             + _left_out(decided), "",
              "| claim | comparison | " + " | ".join(names) + " | toy instruments |",
              "|---|---|" + "---|" * len(names) + "---|"]
     for group in dict.fromkeys(r.group for r in ROWS):
+        if not rows_run(decided, group):
+            continue
         overall = {n: group_verdict(decided, group, n) for n in names}
         lines.append(f"| **{group}** | (claim) | " + " | ".join(f"**{overall[n]}**" for n in names)
                      + f" | **{decided.robustness(overall)}** |")
-        for row in (r for r in ROWS if r.group == group):
+        for row in rows_run(decided, group):
             verdicts = {n: decided.verdict(row, n) for n in names}
             shown = " | ".join(verdicts[n] for n in names)
             lines.append(f"| {group} | {row.grid}: {row.cell} vs {row.other} | {shown} | "
@@ -254,6 +262,13 @@ def markdown(decided: Decided, replicates: int, pairs: list[str], seeds: list[in
                      + f" | {pooled_verdict} | {agree.count(pooled_verdict)}/{len(agree)} | "
                      f"{decided.verdict(row, 'probes', ALPHA)} |")
     return "\n".join(lines) + "\n"
+
+
+def _left_out(decided: Decided) -> str:
+    """A sentence naming the grids whose rows the study did not render ("" when it rendered them all)."""
+    ran = {id(r) for group in dict.fromkeys(r.group for r in ROWS) for r in rows_run(decided, group)}
+    grids = list(dict.fromkeys(r.grid for r in ROWS if id(r) not in ran))
+    return f" Not rendered by this study, so left out: {', '.join(grids)}'s rows." if grids else ""
 
 
 def _effect(effect: Effect | None) -> str:

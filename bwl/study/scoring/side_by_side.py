@@ -1,7 +1,7 @@
 """Two architectures' replicated verdicts side by side: each comparison behind the claims (C1-C3, block-wise
 inference among C1's) and the interference rows, read from each profile's ``replicate.csv``, with its pooled effect
 and 95 % CI, the verdict, the replicates that give it, the verdict after Holm and whether the toy instruments agree;
-and whether the verdict after Holm carries over from the first architecture to the second."""
+and whether the verdict carries over from the first architecture to the second (:func:`carries_over`)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,15 @@ def _slug(label: str) -> str:
 
 
 def carries_over(first: Verdict | None, second: Verdict | None) -> str:
-    """``yes`` when both architectures give the same verdict after Holm, ``no`` when they differ, ``not run`` when
-    one of them has no such comparison (a grid its layout cannot run)."""
+    """``yes`` when both architectures give the same verdict after Holm; ``before Holm`` when their pooled verdicts
+    agree but one survives Holm's correction and the other does not (the same direction, not equally certain);
+    ``no`` when the pooled verdicts differ too; ``not run`` when one of them has no such comparison (a grid its
+    layout cannot run)."""
     if first is None or second is None:
         return "not run"
-    return "yes" if first.holm == second.holm else "no"
+    if first.holm == second.holm:
+        return "yes"
+    return "before Holm" if first.verdict == second.verdict else "no"
 
 
 def side_by_side(architectures: Mapping[str, dict[Comparison, Verdict]]) -> tuple[list[dict], str]:
